@@ -1,0 +1,31 @@
+// CPU kernels and CUDA launchers, one pair per op: what an op entry calls once its params are
+// filled. CUDA launchers run on the current stream and check their launches.
+#pragma once
+
+#include "spot/params.h"
+
+namespace spot {
+
+void selector_score_cpu(const SelectorScoreParams& params);
+void select_blocks_cpu(const SelectBlocksParams& params);
+void sparse_decode_cpu(const SparseDecodeParams& params);
+void sparse_prefill_cpu(const SparsePrefillParams& params);
+void block_mass_cpu(const BlockMassParams& params);
+void pack_kcache_cpu(const KCachePackParams& params);
+void unpack_kcache_cpu(const KCachePackParams& params);
+void append_kcache_cpu(const KCachePackParams& params);
+
+#ifdef SPOT_WITH_CUDA
+void selector_score_cuda(const SelectorScoreParams& params);
+void select_blocks_cuda(const SelectBlocksParams& params);
+// Split-KV planning: how many splits the launcher wants, so the entry can size the workspace.
+int sparse_decode_num_splits(const SparseDecodeParams& params);
+void sparse_decode_cuda(const SparseDecodeParams& params);
+void sparse_prefill_cuda(const SparsePrefillParams& params);
+void block_mass_cuda(const BlockMassParams& params);
+void pack_kcache_cuda(const KCachePackParams& params);
+void unpack_kcache_cuda(const KCachePackParams& params);
+void append_kcache_cuda(const KCachePackParams& params);
+#endif
+
+}  // namespace spot

@@ -1,0 +1,74 @@
+// Input checks shared by the op entries. Every message names the argument and what was expected.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include "spot/params.h"
+
+#define SPOT_CHECK_ARG(COND, OP, ARG, ...) \
+  TORCH_CHECK_VALUE(COND, "spot.", OP, ": argument '", ARG, "' ", __VA_ARGS__)
+
+namespace spot {
+
+inline void check_device(const at::Tensor& tensor, const at::Tensor& reference, const char* op,
+                         const char* arg) {
+  SPOT_CHECK_ARG(tensor.device() == reference.device(), op, arg, "must be on ", reference.device(),
+                 " like the other inputs, got ", tensor.device());
+}
+
+inline void check_dim(const at::Tensor& tensor, int64_t dim, const char* op, const char* arg,
+                      const char* shape) {
+  SPOT_CHECK_ARG(tensor.dim() == dim, op, arg, "must be ", dim, "-D ", shape, ", got shape ",
+                 tensor.sizes());
+}
+
+inline void check_contiguous(const at::Tensor& tensor, const char* op, const char* arg) {
+  SPOT_CHECK_ARG(tensor.is_contiguous(), op, arg, "must be contiguous (call .contiguous())");
+}
+
+inline void check_dtype(const at::Tensor& tensor, at::ScalarType dtype, const char* op, const char* arg) {
+  SPOT_CHECK_ARG(tensor.scalar_type() == dtype, op, arg, "must be ", dtype, ", got ",
+                 tensor.scalar_type());
+}
+
+inline void check_size(const at::Tensor& tensor, int64_t dim, int64_t expected, const char* op,
+                       const char* arg, const char* what) {
+  SPOT_CHECK_ARG(tensor.size(dim) == expected, op, arg, "dim ", dim, " (", what, ") must be ", expected,
+                 ", got shape ", tensor.sizes());
+}
+
+// Activation dtypes: bf16 and fp16 everywhere, fp32 where the op allows it.
+inline DType to_spot_dtype(const at::Tensor& tensor, bool allow_float32, const char* op, const char* arg) {
+  switch (tensor.scalar_type()) {
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    case at::kFloat:
+      if (allow_float32) return DType::kFloat32;
+      [[fallthrough]];
+    default:
+      SPOT_CHECK_ARG(false, op, arg, "must be bfloat16 or float16", allow_float32 ? " or float32" : "",
+                     ", got ", tensor.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+inline KCacheFormat parse_kcache_format(std::string_view format, bool allow_dense, const char* op) {
+  if (format == "int4") return KCacheFormat::kInt4;
+  if (format == "mxfp4") return KCacheFormat::kMxfp4;
+  if (format == "nvfp4") return KCacheFormat::kNvfp4;
+  if (allow_dense && format == "dense") return KCacheFormat::kDense;
+  SPOT_CHECK_ARG(false, op, "format", "must be one of ", allow_dense ? "'dense', " : "",
+                 "'int4', 'mxfp4', 'nvfp4', got '", std::string(format), "'");
+  return KCacheFormat::kDense;
+}
+
+// Scalar arguments tied to the launch: block sizes and counts must be positive and small.
+inline void check_positive(int64_t value, const char* op, const char* arg) {
+  SPOT_CHECK_ARG(value > 0, op, arg, "must be positive, got ", value);
+}
+
+}  // namespace spot
