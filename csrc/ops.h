@@ -18,6 +18,13 @@ std::tuple<at::Tensor, at::Tensor> select_blocks(const at::Tensor& scores, const
                                                  double top_p, int64_t k_min, int64_t k_max,
                                                  int64_t sink_blocks, int64_t local_blocks);
 
+std::tuple<at::Tensor, at::Tensor> decode_select(const at::Tensor& query, const at::Tensor& keys,
+                                                 const std::optional<at::Tensor>& key_scales,
+                                                 const at::Tensor& seq_lens, int64_t block_size,
+                                                 std::string_view format, double global_scale,
+                                                 double softmax_scale, double top_p, int64_t k_min,
+                                                 int64_t k_max, int64_t sink_blocks, int64_t local_blocks);
+
 std::tuple<at::Tensor, at::Tensor> sparse_decode(const at::Tensor& query, const at::Tensor& key_cache,
                                                  const at::Tensor& value_cache,
                                                  const std::optional<at::Tensor>& block_table,

@@ -15,6 +15,11 @@ TORCH_LIBRARY(spot, m) {
   // fp32 logits [B, H, NQ, NK] -> (int32 block indices [B, H, NQ, k_max], int32 counts [B, H, NQ]).
   m.def("select_blocks(Tensor scores, Tensor num_visible, float top_p, int k_min, int k_max, "
         "int sink_blocks, int local_blocks) -> (Tensor, Tensor)");
+  // decode fused: selector query [B, Hkv, r] against the (packed) selector K-cache, then dual
+  // top-p; blocks [0, seq_len / block_size) are scored, [0, ceil(seq_len / block_size)) visible.
+  m.def("decode_select(Tensor query, Tensor keys, Tensor? key_scales, Tensor seq_lens, int block_size, "
+        "str format, float global_scale, float softmax_scale, float top_p, int k_min, int k_max, "
+        "int sink_blocks, int local_blocks) -> (Tensor, Tensor)");
   // query [B, Hq, d] over chosen blocks of a contiguous or paged KV cache -> (out, fp32 lse).
   m.def("sparse_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor? block_table, "
         "Tensor seq_lens, Tensor block_indices, Tensor block_counts, int block_size, "
@@ -37,6 +42,7 @@ TORCH_LIBRARY(spot, m) {
 #define SPOT_REGISTER_ALL(m)                          \
   m.impl("selector_score", &spot::selector_score);   \
   m.impl("select_blocks", &spot::select_blocks);     \
+  m.impl("decode_select", &spot::decode_select);     \
   m.impl("sparse_decode", &spot::sparse_decode);     \
   m.impl("sparse_prefill", &spot::sparse_prefill);   \
   m.impl("block_mass", &spot::block_mass);           \

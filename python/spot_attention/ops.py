@@ -65,6 +65,34 @@ def select_blocks(
     return torch.ops.spot.select_blocks(scores, num_visible, top_p, k_min, k_max, sink_blocks, local_blocks)
 
 
+def decode_select(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    seq_lens: torch.Tensor,
+    top_p: float,
+    k_min: int,
+    k_max: int,
+    sink_blocks: int = 1,
+    local_blocks: int = 1,
+    block_size: int = 64,
+    softmax_scale: float | None = None,
+    key_scales: torch.Tensor | None = None,
+    format: str = "dense",
+    global_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused decode selection: ``selector_score`` + ``select_blocks`` for one query per sequence.
+    query [B, Hkv, r]; keys [B, Hkv, NK, r] (dense) or packed codes + ``key_scales``; seq_lens
+    int32 [B]. Blocks ``[0, seq_len // block_size)`` have selector keys and are scored; the
+    partial last block is visible (kept as a local block) but unscored. Returns (indices int32
+    [B, Hkv, k_max], counts int32 [B, Hkv])."""
+    if softmax_scale is None:
+        softmax_scale = query.shape[-1] ** -0.5
+    return torch.ops.spot.decode_select(
+        query, keys, key_scales, seq_lens, block_size, format, global_scale, softmax_scale,
+        top_p, k_min, k_max, sink_blocks, local_blocks,
+    )
+
+
 def sparse_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -176,6 +204,14 @@ def _select_blocks_fake(scores, num_visible, top_p, k_min, k_max, sink_blocks, l
     indices = scores.new_empty((batch, heads, rows, k_max), dtype=torch.int32)
     counts = scores.new_empty((batch, heads, rows), dtype=torch.int32)
     return indices, counts
+
+
+@torch.library.register_fake("spot::decode_select")
+def _decode_select_fake(query, keys, key_scales, seq_lens, block_size, format, global_scale, softmax_scale,
+                        top_p, k_min, k_max, sink_blocks, local_blocks):
+    batch, heads, _ = query.shape
+    indices = query.new_empty((batch, heads, k_max), dtype=torch.int32)
+    return indices, query.new_empty((batch, heads), dtype=torch.int32)
 
 
 @torch.library.register_fake("spot::sparse_decode")

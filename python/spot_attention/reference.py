@@ -424,3 +424,16 @@ def unpack_kcache(codes: torch.Tensor, scales: torch.Tensor, fmt: str, global_sc
     else:
         raise ValueError(f"unknown kcache format {fmt!r}; expected one of {KCACHE_FORMATS}")
     return values.reshape(*codes.shape[:-1], -1).float()
+
+
+def decode_select(query, keys, seq_lens, block_size, softmax_scale, top_p, k_min, k_max, sink_blocks, local_blocks):
+    """Fused decode selection on dense selector keys: query [B, Hkv, r], keys [B, Hkv, NK, r]."""
+    scored = (seq_lens.long() // block_size).to(torch.int32)[:, None]
+    visible = ((seq_lens.long() + block_size - 1) // block_size).to(torch.int32)[:, None]
+    scores = selector_score(query[:, :, None], keys, scored, softmax_scale)  # [B, Hkv, 1, NK]
+    width = max(int(visible.max()), keys.shape[2]) if visible.numel() else keys.shape[2]
+    if width > keys.shape[2]:
+        pad = scores.new_full((*scores.shape[:3], width - keys.shape[2]), float("-inf"))
+        scores = torch.cat((scores, pad), -1)
+    indices, counts = select_blocks(scores, visible, top_p, k_min, k_max, sink_blocks, local_blocks)
+    return indices[:, :, 0], counts[:, :, 0]
