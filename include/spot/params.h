@@ -93,13 +93,12 @@ struct BlockMassParams {
   const void* query = nullptr;  // [total_tokens, heads_q, head_dim], contiguous
   const void* key = nullptr;    // [total_tokens, heads_kv, head_dim], contiguous
   const int32_t* cu_seqlens = nullptr;  // [batch + 1]
-  float* mass = nullptr;  // [batch, heads_kv, num_query_blocks, num_key_blocks]
+  float* mass = nullptr;  // [batch, heads_kv, num_query_blocks, num_key_blocks], zero-filled
   int batch = 0, total_tokens = 0, heads_q = 0, heads_kv = 0, head_dim = 0;
   int max_seqlen = 0, block_size_q = 64, block_size_k = 64;
   int num_query_blocks = 0, num_key_blocks = 0;
-  DType dtype = DType::kBFloat16;
-  float softmax_scale = 1.f;
-  float* row_lse = nullptr;  // CUDA workspace: [total_tokens, heads_q] log-sum-exp per query
+  DType dtype = DType::kBFloat16;  // float32 on CPU only
+  float softmax_scale = 1.f;        // positive
 };
 
 // 4-bit selector K-cache packing. Rows of `dim` values, `num_rows` of them.
