@@ -58,17 +58,20 @@ struct SparseDecodeParams {
   int batch = 0, heads_q = 0, heads_kv = 0, head_dim = 0;
   int max_selected = 0;   // block_indices' last dim
   int block_size = 64;    // selection block, in tokens
-  int page_size = 0;      // tokens per page when paged; 0 when contiguous
+  int page_size = 0;      // tokens per page when paged (divides block_size); 0 when contiguous
   int pages_per_seq = 0;  // block_table's row length
+  int64_t num_pages = 0;  // page rows in the caches (paged); block_table entries outside are skipped
+  int max_seq_len = 0;    // contiguous caches' dim 1 (L_max); seq_lens are clamped to it on CUDA
   // Element strides of the caches. Contiguous: [batch, token, head]; paged: page stride in
   // cache_batch_stride (one "batch" row per page), token and head strides within the page.
   int64_t cache_batch_stride = 0, cache_token_stride = 0, cache_head_stride = 0;
   int64_t value_batch_stride = 0, value_token_stride = 0, value_head_stride = 0;
   DType dtype = DType::kBFloat16;
   float softmax_scale = 1.f;
-  // Split-KV workspace (CUDA only), sized by the launcher's planner.
-  float* partial_out = nullptr;  // [batch, heads_q, num_splits, head_dim]
-  float* partial_lse = nullptr;  // [batch, heads_q, num_splits]
+  // Split-KV workspace (CUDA only), sized by sparse_decode_num_splits; unused when num_splits
+  // is 1 (the kernel then writes out and lse directly).
+  float* partial_out = nullptr;  // [batch, heads_q, num_splits, head_dim], normalised per split
+  float* partial_lse = nullptr;  // [batch, heads_q, num_splits], natural log, -inf when empty
   int num_splits = 1;
 };
 
@@ -93,13 +96,12 @@ struct BlockMassParams {
   const void* query = nullptr;  // [total_tokens, heads_q, head_dim], contiguous
   const void* key = nullptr;    // [total_tokens, heads_kv, head_dim], contiguous
   const int32_t* cu_seqlens = nullptr;  // [batch + 1]
-  float* mass = nullptr;  // [batch, heads_kv, num_query_blocks, num_key_blocks]
+  float* mass = nullptr;  // [batch, heads_kv, num_query_blocks, num_key_blocks], zero-filled
   int batch = 0, total_tokens = 0, heads_q = 0, heads_kv = 0, head_dim = 0;
   int max_seqlen = 0, block_size_q = 64, block_size_k = 64;
   int num_query_blocks = 0, num_key_blocks = 0;
-  DType dtype = DType::kBFloat16;
-  float softmax_scale = 1.f;
-  float* row_lse = nullptr;  // CUDA workspace: [total_tokens, heads_q] log-sum-exp per query
+  DType dtype = DType::kBFloat16;  // float32 on CPU only
+  float softmax_scale = 1.f;        // positive
 };
 
 // 4-bit selector K-cache packing. Rows of `dim` values, `num_rows` of them.

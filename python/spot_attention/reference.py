@@ -203,7 +203,8 @@ def sparse_prefill(
     ``[i * block_size, ...)``) attends to the key blocks ``block_indices[b, g, i, :count]`` that
     are not after it, plus always its diagonal block ``i``; inside the diagonal block the mask is
     causal per token. block_indices int32 [B, Hkv, NQ, K], block_counts int32 [B, Hkv, NQ] with
-    ``NQ >= num_blocks(longest sequence)``.
+    ``NQ >= num_blocks(longest sequence)``. The first ``clamp(count, 0, K)`` entries are read as a
+    set: order and duplicates do not matter, and entries outside ``[0, i)`` are ignored.
     Returns (out [T, Hq, d] in query's dtype, lse float32 [T, Hq]).
     """
     total, hq, dim = query.shape
@@ -221,7 +222,7 @@ def sparse_prefill(
         for qb in range(num_blocks(length, block_size)):
             rows = torch.arange(qb * block_size, min((qb + 1) * block_size, length))
             for g in range(hkv):
-                count = int(block_counts[b, g, qb])
+                count = min(max(int(block_counts[b, g, qb]), 0), block_indices.shape[-1])
                 chosen = {j for j in block_indices[b, g, qb, :count].tolist() if 0 <= j < qb}
                 chosen.add(qb)
                 cols = torch.tensor(
