@@ -77,7 +77,7 @@ class ProjectionSelectors:
 # --------------------------------------------------------------------------------------------
 
 
-def tiny_llama(heads_q=6, heads_kv=2, head_dim=32, layers=3):
+def tiny_llama(heads_q=6, heads_kv=2, head_dim=64, layers=3):
     config = transformers.LlamaConfig(
         vocab_size=97, hidden_size=heads_q * head_dim, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=heads_q, num_key_value_heads=heads_kv, head_dim=head_dim, max_position_embeddings=512,
@@ -99,7 +99,7 @@ def tiny_qwen3():
 def tiny_qwen3_next():
     config = transformers.Qwen3NextConfig(
         vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, linear_num_value_heads=2, linear_num_key_heads=2,
+        num_key_value_heads=2, head_dim=64, linear_num_value_heads=2, linear_num_key_heads=2,
         linear_key_head_dim=16, linear_value_head_dim=16, num_experts=2, num_experts_per_tok=1,
         moe_intermediate_size=32, shared_expert_intermediate_size=32,
         layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],

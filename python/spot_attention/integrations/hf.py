@@ -321,8 +321,10 @@ class LearnedSelection(SelectionMethod):
             self.config, "k_min", layer_idx, 2)
         k_max = self.k_max_override if self.k_max_override is not None else _selector_config_value(
             self.config, "k_max", layer_idx, 1 << 20)
+        # The selection kernels take top_p in (0, 1]; a vanishing top_p keeps only the forced
+        # blocks and k_min, as top_p = 0 does in the reference rule.
         return LayerPolicy(
-            top_p=float(top_p),
+            top_p=min(max(float(top_p), 1e-6), 1.0),
             k_min=int(k_min),
             k_max=int(k_max),
             sink_blocks=int(_selector_config_value(self.config, "sink_blocks", layer_idx, 1)),
@@ -358,10 +360,9 @@ class LearnedSelection(SelectionMethod):
                                         self.score_scale(layer_idx, key_blocks.shape[-1]))
         if complete < num_blocks:
             scores = torch.nn.functional.pad(scores, (0, num_blocks - complete), value=float("-inf"))
-        k_max = min(policy.k_max, num_blocks)
-        k_max = max(k_max, policy.sink_blocks + policy.local_blocks)
-        return kernels.select_blocks(scores, visible, policy.top_p, policy.k_min, k_max, policy.sink_blocks,
-                                     policy.local_blocks)
+        k_max = max(min(policy.k_max, num_blocks), policy.sink_blocks + policy.local_blocks)
+        return kernels.select_blocks(scores, visible, policy.top_p, min(policy.k_min, k_max), k_max,
+                                     policy.sink_blocks, policy.local_blocks)
 
     def select_decode(self, layer_idx, query, key, scaling, store):
         selector = self.selector(layer_idx)
@@ -384,7 +385,7 @@ class LearnedSelection(SelectionMethod):
         # A cache shorter than one block has no selector keys yet: score against an empty buffer.
         store.reserve(batch, query_features.shape[1], rank, 1, query.device)
         return kernels.decode_select(
-            query_features.float().contiguous(), store.keys, seq_lens, policy.top_p, policy.k_min, k_max,
+            query_features.float().contiguous(), store.keys, seq_lens, policy.top_p, min(policy.k_min, k_max), k_max,
             policy.sink_blocks, policy.local_blocks, block, self.score_scale(layer_idx, rank),
             key_scales=store.scales, fmt=store.format, global_scale=store.global_scale or 1.0,
         )

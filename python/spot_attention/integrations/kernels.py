@@ -27,25 +27,52 @@ _LOCK = threading.Lock()
 
 def _is_missing_kernel(error: Exception) -> bool:
     text = str(error)
-    return "not implemented yet" in text or "Could not run 'spot::" in text or "no kernel" in text.lower()
+    return ("not implemented yet" in text or "Could not run 'spot::" in text or "built without CUDA" in text)
 
 
-def _run(name: str, device: torch.device, kernel, fallback, *, force_fallback: bool = False):
+def _run(name: str, device: torch.device, kernel, fallback, *, force_fallback: bool = False,
+         unsupported: str | None = None):
+    """Runs ``kernel`` unless it is known missing, forced off, or ``unsupported`` names why the
+    kernel cannot take these inputs (a dtype or shape its entry rejects on this device)."""
     key = (name, device.type)
-    if not force_fallback and key not in _MISSING:
+    if not force_fallback and unsupported is None and key not in _MISSING:
         try:
             result = kernel()
             with _LOCK:
                 _TAKEN[key] = "kernel"
             return result
-        except (RuntimeError, NotImplementedError) as error:
+        except (RuntimeError, NotImplementedError, ValueError) as error:
             if not _is_missing_kernel(error):
                 raise
             with _LOCK:
                 _MISSING.add(key)
     with _LOCK:
-        _TAKEN[key] = "fallback"
+        if force_fallback:
+            _TAKEN[key] = "masked (forced)"
+        elif unsupported is not None:
+            _TAKEN[key] = f"fallback ({unsupported})"
+        else:
+            _TAKEN[key] = "fallback (no kernel)"
     return fallback()
+
+
+def _attention_unsupported(name: str, query: torch.Tensor, head_dim: int, block_size: int | None) -> str | None:
+    """Why the compiled attention kernels would reject these inputs (mirrors their entries)."""
+    on_cuda = query.is_cuda
+    if on_cuda and query.dtype not in (torch.float16, torch.bfloat16):
+        return f"{query.dtype} on cuda"
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"{query.dtype}"
+    if name == "sparse_prefill":
+        if on_cuda and head_dim not in (64, 128):
+            return f"head_dim {head_dim}"
+        if on_cuda and block_size != 64:
+            return f"block_size {block_size}"
+    elif head_dim not in (64, 128, 256):
+        return f"head_dim {head_dim}"
+    if name == "block_mass" and on_cuda and block_size is not None and block_size & (block_size - 1):
+        return f"block_size {block_size}"
+    return None
 
 
 def kernel_available(name: str, device: torch.device | str) -> bool:
@@ -335,9 +362,9 @@ def sparse_prefill(query, key, value, block_indices, block_counts, block_size, s
     num_blocks = reference.num_blocks(length, block_size)
 
     def kernel():
-        packed_q = query.transpose(1, 2).reshape(batch * length, heads_q, dim)
-        packed_k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim)
-        packed_v = value.transpose(1, 2).reshape(batch * length, value.shape[1], value.shape[-1])
+        packed_q = query.transpose(1, 2).reshape(batch * length, heads_q, dim).contiguous()
+        packed_k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim).contiguous()
+        packed_v = value.transpose(1, 2).reshape(batch * length, value.shape[1], value.shape[-1]).contiguous()
         cu_seqlens = torch.arange(batch + 1, device=query.device, dtype=torch.int32) * length
         out, _ = ops.sparse_prefill(packed_q, packed_k, packed_v, cu_seqlens, length, block_indices.contiguous(),
                                     block_counts.contiguous(), block_size, scaling)
@@ -347,7 +374,8 @@ def sparse_prefill(query, key, value, block_indices, block_counts, block_size, s
         mask = prefill_block_mask(block_indices, block_counts, num_blocks)
         return masked_prefill(query, key, value, mask, block_size, scaling)
 
-    return _run("sparse_prefill", query.device, kernel, fallback, force_fallback=force_masked)
+    return _run("sparse_prefill", query.device, kernel, fallback, force_fallback=force_masked,
+                unsupported=_attention_unsupported("sparse_prefill", query, dim, block_size))
 
 
 def sparse_decode(query, key, value, block_indices, block_counts, block_size, scaling, *, force_masked=False):
@@ -366,7 +394,8 @@ def sparse_decode(query, key, value, block_indices, block_counts, block_size, sc
         mask = block_mask_from_indices(block_indices, block_counts, reference.num_blocks(length, block_size))
         return masked_decode(query, key, value, mask, block_size, scaling)
 
-    return _run("sparse_decode", query.device, kernel, fallback, force_fallback=force_masked)
+    return _run("sparse_decode", query.device, kernel, fallback, force_fallback=force_masked,
+                unsupported=_attention_unsupported("sparse_decode", query, query.shape[-1], block_size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,13 +441,14 @@ def block_mass(query, key, block_size_q, block_size_k, scaling):
     batch, heads_q, length, dim = query.shape
 
     def kernel():
-        packed_q = query.transpose(1, 2).reshape(batch * length, heads_q, dim)
-        packed_k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim)
+        packed_q = query.transpose(1, 2).reshape(batch * length, heads_q, dim).contiguous()
+        packed_k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim).contiguous()
         cu_seqlens = torch.arange(batch + 1, device=query.device, dtype=torch.int32) * length
         return ops.block_mass(packed_q, packed_k, cu_seqlens, length, block_size_q, block_size_k, scaling)
 
     return _run("block_mass", query.device, kernel,
-                lambda: block_mass_torch(query, key, block_size_q, block_size_k, scaling))
+                lambda: block_mass_torch(query, key, block_size_q, block_size_k, scaling),
+                unsupported=_attention_unsupported("block_mass", query, dim, block_size_k))
 
 
 def selector_softmax_scale(rank: int) -> float:
