@@ -457,3 +457,64 @@ def test_gpu_kernels_match_masked_backend(dtype):
     agreement = (model.generate(ids, max_new_tokens=20, do_sample=False) == masked_tokens).float().mean()
     assert agreement > 0.9
     assert handle.report()["ops"]["sparse_decode/cuda"] == "kernel"
+
+
+# --------------------------------------------------------------------------------------------
+# The project's selectors (spot_attention.selector) through the integration
+# --------------------------------------------------------------------------------------------
+
+
+def real_selectors(model, **overrides):
+    selector = pytest.importorskip("spot_attention.selector")
+    config = selector.SelectorConfig.for_model(model.config, "tiny", block_size=BLOCK, **overrides)
+    selectors = selector.SpotSelectors(config)
+    ids = tokens(1, 96, seed=30)
+    captured = {}
+    handle = hf.attach(model, method=hf.LearnedSelection(selectors, top_p=1.0))
+    original = handle.attend
+
+    def capture(module, query, key, value, mask, scaling, **kwargs):
+        captured[module.spot_layer_idx] = (query, key)
+        return original(module, query, key, value, mask, scaling, **kwargs)
+
+    handle.attend = capture
+    dense_logits(model, ids)
+    hf.detach(model)
+    for layer, (query, key) in captured.items():
+        selectors[layer].init_statistics(query, key)
+    return selectors
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3_next"])
+def test_project_selectors_all_blocks_equal_dense_in_prefill_and_generate(name):
+    model = MODELS[name]()
+    selectors = real_selectors(model, top_p={layer: 1.0 for layer in hf.full_attention_layers(model.config)},
+                               kcache_format="int4")
+    ids = tokens(2, 45, seed=31)
+    expected_logits = dense_logits(model, ids)
+    expected_tokens = model.generate(ids, max_new_tokens=25, do_sample=False)
+    handle = hf.attach(model, selectors)
+    assert handle.layers == selectors.layers
+    torch.testing.assert_close(dense_logits(model, ids), expected_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(model.generate(ids, max_new_tokens=25, do_sample=False), expected_tokens)
+    assert handle.stats.fraction_read() == pytest.approx(1.0)
+
+
+def test_project_selectors_calibrated_budget_is_sparse_and_uses_packed_cache():
+    model = tiny_llama()
+    selectors = real_selectors(model, top_p={0: 0.6, 1: 0.6, 2: 0.6}, k_min=1, kcache_format="mxfp4")
+    handle = hf.attach(model, selectors)
+    ids = tokens(1, 100, seed=32)
+    cache = hf.SpotCache(config=model.config)
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True)
+        for _ in range(30):
+            out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    assert 0.0 < handle.stats.fraction_read() < 1.0
+    for layer in selectors.layers:
+        store = cache.selector_keys[layer]
+        assert store.format == "mxfp4" and store.num_blocks == 130 // BLOCK
+        expected = selectors[layer].key_features(cache.layers[layer].keys).detach()
+        scale = float(expected.abs().amax())
+        assert float((store.dense_view() - expected).abs().max()) < 0.35 * scale
+        assert handle.stats.layers[layer].decode_calls == 30

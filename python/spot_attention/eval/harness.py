@@ -25,6 +25,7 @@ from .perplexity import LogitComparison, compare_logits, final_hidden_states
 class Document:
     name: str  # where the text came from (a file path), recorded in the results
     ids: torch.Tensor  # int64 [tokens]
+    info: dict = dataclasses.field(default_factory=dict)  # provenance (split, sha256, ...) for the results
 
 
 @dataclasses.dataclass
@@ -78,7 +79,7 @@ def _synchronize(device: torch.device) -> None:
 def run_eval(
     model,
     handle: SpotAttention,
-    documents: list[Document],
+    documents: list[Document] | dict[int, list[Document]],
     lengths: Iterable[int],
     methods: list[SelectionMethod],
     *,
@@ -88,7 +89,8 @@ def run_eval(
 ) -> dict:
     """Rows ``{method, budget, L, frac_read, ppl, ppl_dense, ppl_delta_pct, top1_agree, kl, recall, ...}``
     averaged over up to ``docs_per_length`` documents of at least ``L`` tokens (token-weighted for
-    the next-token statistics, block-weighted for the budget)."""
+    the next-token statistics, block-weighted for the budget). ``documents`` is one pool for every
+    length or ``{L: pool}``."""
     device = next(model.parameters()).device
     config = model.config.get_text_config(decoder=True)
     all_full = full_attention_layers(config)
@@ -96,13 +98,14 @@ def run_eval(
     plan = []
     used_documents: dict[str, dict] = {}
     for length in lengths:
-        chosen = [doc for doc in documents if doc.ids.numel() >= length][:docs_per_length]
+        pool = documents.get(length, []) if isinstance(documents, dict) else documents
+        chosen = [doc for doc in pool if doc.ids.numel() >= length][:docs_per_length]
         if not chosen:
             log(f"eval: no held-out document has {length} tokens; length skipped")
         for doc in chosen:
             plan.append((length, doc))
-            entry = used_documents.setdefault(doc.name, {"name": doc.name, "tokens": int(doc.ids.numel()),
-                                                         "lengths": []})
+            entry = used_documents.setdefault(doc.name, {**doc.info, "name": doc.name,
+                                                         "tokens": int(doc.ids.numel()), "lengths": []})
             entry["lengths"].append(length)
     total_steps = len(plan) * (1 + len(methods))
     bar = _progress_bar(total_steps, progress)

@@ -61,7 +61,7 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     lengths = sorted({row["L"] for row in result["rows"]})
-    figure, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    figure, axes = plt.subplots(1, len(lengths), figsize=(max(5 * len(lengths), 8), 4.5), squeeze=False)
     for axis, length in zip(axes[0], lengths):
         rows = [row for row in result["rows"] if row["L"] == length]
         for method in sorted({row["method"] for row in rows}):
@@ -77,7 +77,7 @@ def plot(result: dict, path: str) -> None:
         axis.set_title(f"L = {length}")
         axis.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    figure.suptitle(f"{result.get('model', '')}: sparse vs dense ({result.get('device')})")
+    figure.suptitle(f"{result.get('model', '')}: sparse vs dense ({result.get('device')})", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

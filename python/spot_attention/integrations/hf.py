@@ -278,12 +278,12 @@ class SelectionMethod:
 
 def _selector_config_value(config: Any, name: str, layer_idx: int, default=None):
     """A config field that is either one value or one per layer (list or {layer: value})."""
-    value = getattr(config, name, default) if not isinstance(config, dict) else config.get(name, default)
+    value = getattr(config, name, None) if not isinstance(config, dict) else config.get(name)
     if isinstance(value, dict):
-        value = value.get(layer_idx, value.get(str(layer_idx), default))
+        value = value.get(layer_idx, value.get(str(layer_idx)))
     elif isinstance(value, (list, tuple)):
         value = value[layer_idx]
-    return value
+    return default if value is None else value
 
 
 class LearnedSelection(SelectionMethod):
@@ -464,14 +464,10 @@ def register() -> None:
 
 def full_attention_layers(config) -> list[int]:
     """Indices of the layers whose attention is full (causal, unwindowed) softmax attention."""
+    from ..models import full_attention_layers as from_config
+
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text_config, "layer_types", None)
-    count = text_config.num_hidden_layers
-    if layer_types is None:
-        if getattr(text_config, "use_sliding_window", False) and getattr(text_config, "sliding_window", None):
-            return []
-        return list(range(count))
-    return [index for index, kind in enumerate(layer_types) if kind == "full_attention"]
+    return from_config(text_config)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
