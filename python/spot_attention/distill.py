@@ -1,0 +1,515 @@
+"""KL distillation of the selectors from a frozen model's own attention.
+
+For every training window (``train_ctx`` tokens of the training split, ``spot_attention.data``):
+
+1. **Capture.** One no-grad forward of the frozen backbone (without its LM head) through a
+   capturing attention function: for every selector layer it records the post-RoPE ``query``
+   ``[1, Hq, L, d]``, ``key`` ``[1, Hkv, L, d]`` and ``scaling``, exactly what a transformers
+   attention function receives, and then runs the usual SDPA attention.
+2. **Teacher.** ``spot.block_mass`` with ``block_size_q = 1``: per-token, group-averaged
+   attention mass per key block. Averaging its rows over each query block gives exactly the
+   prefill (``block_size_q = 64``) target, so one pass serves both.
+3. **Loss**, per layer and KV group, averaged over layers:
+   * prefill rows: every query block ``i >= 1`` against key blocks ``0..i``;
+   * decode rows: ``tokens_per_window`` random query positions ``t`` against the complete key
+     blocks of a cache of length ``t + 1`` (the partial block is forced as local at inference
+     and never scored), teacher renormalised over those blocks,
+   each a divergence between the teacher ``A`` and the selector ``p = softmax(qsel . ksel)``:
+   ``forward_kl`` = KL(A || p) (mass-covering: the selector must not miss blocks the layer
+   attends to), ``reverse_kl`` = KL(p || A) (mode-seeking), ``mixed`` = their mean.
+
+Only the selectors train (AdamW, cosine schedule with warmup); captures are kept in a small
+replay buffer and each is used for ``updates_per_window`` steps, since a capture costs far more
+than a selector step. Checkpoints (``checkpoint.pt`` in ``out_dir``) hold the selectors, the
+optimiser and the step; training resumes from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import data as data_module
+from . import models, reference
+from .selector import SelectorConfig, SpotSelectors
+
+CAPTURE_NAME = "spot_capture"
+LOSSES = ("forward_kl", "reverse_kl", "mixed")
+CHECKPOINT_NAME = "checkpoint.pt"
+# Probabilities below this count as zero inside logarithms of the teacher.
+TEACHER_FLOOR = 1e-8
+
+
+# --------------------------------------------------------------------------------------------
+# Capture of the frozen layers' post-RoPE queries and keys
+# --------------------------------------------------------------------------------------------
+
+
+def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    store = getattr(module, "spot_capture_store", None)
+    if store is not None:
+        store[module.spot_capture_layer] = (query.detach(), key.detach(),
+                                            float(scaling if scaling is not None else query.shape[-1] ** -0.5))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    count = models.text_config(model.config).num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError("argument 'model': could not find its list of decoder layers")
+
+
+def _set_attention(model: nn.Module, name: str) -> None:
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, KeyError, AttributeError):
+        pass
+    if model.config._attn_implementation != name:
+        model.config._attn_implementation_internal = name
+
+
+@contextlib.contextmanager
+def capturing(model: nn.Module, layers: list[int]):
+    """``with capturing(model, layers) as store:`` every forward fills ``store[layer] = (query
+    [B, Hq, L, d], key [B, Hkv, L, d], scaling)`` for the given layers (post-RoPE, detached)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CAPTURE_NAME, _capture_attention)
+    AttentionMaskInterface.register(CAPTURE_NAME, sdpa_mask)
+    decoder = _decoder_layers(model)
+    store: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    hooked = []
+    for layer in layers:
+        attention = getattr(decoder[layer], "self_attn", None)
+        if attention is None:
+            raise ValueError(f"argument 'layers': layer {layer} has no self_attn module")
+        attention.spot_capture_store = store
+        attention.spot_capture_layer = layer
+        hooked.append(attention)
+    previous = model.config._attn_implementation
+    _set_attention(model, CAPTURE_NAME)
+    try:
+        yield store
+    finally:
+        for attention in hooked:
+            del attention.spot_capture_store, attention.spot_capture_layer
+        _set_attention(model, previous or "sdpa")
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The decoder without the LM head (its logits are not needed to capture attention)."""
+    inner = getattr(model, "model", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+@torch.no_grad()
+def capture_window(model: nn.Module, input_ids: torch.Tensor, layers: list[int]) -> dict[int, tuple]:
+    """input_ids [B, L] -> {layer: (query, key, scaling)} from one frozen forward."""
+    device = next(model.parameters()).device
+    with capturing(model, layers) as store:
+        _backbone(model)(input_ids=input_ids.to(device), use_cache=False)
+    missing = [layer for layer in layers if layer not in store]
+    if missing:
+        raise RuntimeError(f"layers {missing} did not call an attention function")
+    return dict(store)
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher targets
+# --------------------------------------------------------------------------------------------
+
+
+def teacher_token_mass(query: torch.Tensor, key: torch.Tensor, scaling: float, block_size: int) -> torch.Tensor:
+    """Per-token block mass float32 [B, Hkv, L, NK] (``spot.block_mass`` with block_size_q = 1;
+    the reference where the compiled op is missing). query [B, Hq, L, d]; key [B, Hkv, L, d]."""
+    batch, heads_q, length, dim = query.shape
+    packed_q = query.transpose(1, 2).reshape(batch * length, heads_q, dim).float().contiguous()
+    packed_k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim).float().contiguous()
+    cu_seqlens = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=query.device)
+    try:
+        from . import ops
+
+        return ops.block_mass(packed_q, packed_k, cu_seqlens, length, 1, block_size, scaling)
+    except (RuntimeError, NotImplementedError, ImportError) as error:
+        if "not implemented" not in str(error) and not isinstance(error, ImportError):
+            raise
+        return reference.block_mass(packed_q.cpu(), packed_k.cpu(), cu_seqlens.cpu(), 1, block_size, scaling,
+                                    length).to(query.device)
+
+
+def prefill_targets(token_mass: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, Hkv, L, NK] per-token mass -> [B, Hkv, NQ, NK] mean per query block (exactly
+    ``block_mass`` with ``block_size_q = block_size``)."""
+    batch, heads, length, nk = token_mass.shape
+    nq = reference.num_blocks(length, block_size)
+    pad = nq * block_size - length
+    sums = torch.nn.functional.pad(token_mass, (0, 0, 0, pad)).view(batch, heads, nq, block_size, nk).sum(3)
+    sizes = torch.full((nq,), float(block_size), device=token_mass.device)
+    sizes[-1] = block_size - pad
+    return sums / sizes[None, None, :, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+def divergence(teacher: torch.Tensor, logits: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-row divergence between teacher probabilities and selector logits over the finite
+    entries of ``logits`` (teacher renormalised over them). Rows: leading dims. Returns [...]."""
+    valid = torch.isfinite(logits)
+    target = torch.where(valid, teacher, torch.zeros_like(teacher)).clamp(min=0)
+    target = target / target.sum(-1, keepdim=True).clamp(min=1e-30)
+    log_p = torch.log_softmax(logits, -1)
+    log_p = torch.where(valid, log_p, torch.zeros_like(log_p))
+    log_t = torch.log(target.clamp(min=TEACHER_FLOOR))
+    forward = (target * (log_t - log_p)).sum(-1)
+    if loss == "forward_kl":
+        return forward
+    p = torch.where(valid, log_p.exp(), torch.zeros_like(log_p))
+    reverse = (p * (log_p - log_t)).sum(-1)
+    if loss == "reverse_kl":
+        return reverse
+    if loss == "mixed":
+        return 0.5 * (forward + reverse)
+    raise ValueError(f"argument 'loss': expected one of {LOSSES}, got {loss!r}")
+
+
+@dataclasses.dataclass
+class LayerBatch:
+    """One layer's selector inputs and teacher targets for one window. The selector's query
+    features are linear in its ``query_inputs``, so those are pooled per query block (prefill
+    rows) and subsampled (decode rows) once per capture, and each training step touches only
+    those rows."""
+
+    block_inputs: dict  # query_inputs pooled per query block: [B, Hkv, G, NQ, ...]
+    token_inputs: dict  # query_inputs at token_positions: [B, Hkv, G, S, ...]
+    key_inputs: dict  # LayerSelector.key_inputs of the window's keys
+    prefill_teacher: torch.Tensor  # [B, Hkv, NQ, NK]
+    token_positions: torch.Tensor  # int64 [S] query positions of the decode rows
+    token_teacher: torch.Tensor  # [B, Hkv, S, NK]
+
+
+@torch.no_grad()
+def make_layer_batch(selector, query, key, scaling, tokens_per_window, generator) -> LayerBatch:
+    block_size = selector.block_size
+    token_mass = teacher_token_mass(query, key, scaling, block_size)
+    length = query.shape[2]
+    # Decode rows need at least one complete block before them: positions t >= block_size - 1.
+    candidates = torch.arange(block_size - 1, length)
+    count = min(tokens_per_window, candidates.numel())
+    positions = candidates[torch.randperm(candidates.numel(), generator=generator)[:count]].sort().values
+    inputs = selector.query_inputs(query)
+    index = positions.to(query.device)
+    return LayerBatch(
+        block_inputs={name: selector.pool_query_blocks(value) for name, value in inputs.items()},
+        token_inputs={name: value.index_select(-2, index) for name, value in inputs.items()},
+        key_inputs=selector.key_inputs(key),
+        prefill_teacher=prefill_targets(token_mass, block_size),
+        token_positions=positions,
+        token_teacher=token_mass.index_select(2, index),
+    )
+
+
+def layer_losses(selector, batch: LayerBatch, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefill loss, decode loss), means over rows and KV groups of one layer."""
+    block = selector.block_size
+    key_features = selector.key_features_from_inputs(batch.key_inputs)  # [B, Hkv, NKc, r]
+    complete = key_features.shape[2]
+    bsz = key_features.shape[0]
+    device = key_features.device
+
+    pooled = selector.query_features_from_inputs(batch.block_inputs)  # [B, Hkv, NQ, r]
+    nq = pooled.shape[2]
+    rows = torch.arange(1, nq, device=device)  # block 0 sees one block only: nothing to learn
+    visible = torch.clamp(rows + 1, max=complete)[None].expand(bsz, -1)
+    logits = selector.logits(pooled[:, :, 1:], key_features, visible)
+    teacher = batch.prefill_teacher[:, :, 1:nq, :complete]
+    keep = visible[0] >= 2
+    prefill = divergence(teacher[:, :, keep], logits[:, :, keep], loss).mean()
+
+    token_features = selector.query_features_from_inputs(batch.token_inputs)  # [B, Hkv, S, r]
+    positions = batch.token_positions.to(device)
+    scored = ((positions + 1) // block).clamp(max=complete)  # complete blocks of a cache of t + 1 tokens
+    token_logits = selector.logits(token_features, key_features, scored[None].expand(bsz, -1))
+    token_teacher = batch.token_teacher[..., :complete]
+    keep = scored >= 2
+    if keep.any():
+        decode = divergence(token_teacher[:, :, keep], token_logits[:, :, keep], loss).mean()
+    else:
+        decode = prefill.new_zeros(())
+    return prefill, decode
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DistillSettings:
+    train_ctx: int = 1024
+    steps: int = 600
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup: int = 20
+    seed: int = 0
+    loss: str = "forward_kl"
+    tokens_per_window: int = 256
+    updates_per_window: int = 4
+    replay: int = 8
+    checkpoint_every: int = 40
+    selector_dim: int = 64
+    block_size: int = 64
+
+
+def _lr_factor(step: int, settings: DistillSettings) -> float:
+    if step < settings.warmup:
+        return (step + 1) / settings.warmup
+    progress = (step - settings.warmup) / max(settings.steps - settings.warmup, 1)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _window_batches(model, selectors: SpotSelectors, window: torch.Tensor, settings, generator) -> dict[int, LayerBatch]:
+    captured = capture_window(model, window[None], selectors.layers)
+    return {
+        layer: make_layer_batch(selectors[layer], q, k, scaling, settings.tokens_per_window, generator)
+        for layer, (q, k, scaling) in captured.items()
+    }
+
+
+def total_loss(selectors: SpotSelectors, batches: dict[int, LayerBatch], loss: str) -> tuple[torch.Tensor, dict]:
+    per_layer = {}
+    total = None
+    for layer in selectors.layers:
+        prefill, decode = layer_losses(selectors[layer], batches[layer], loss)
+        value = 0.5 * (prefill + decode)
+        per_layer[layer] = (float(prefill.detach()), float(decode.detach()))
+        total = value if total is None else total + value
+    return total / len(selectors.layers), per_layer
+
+
+@torch.no_grad()
+def evaluate(selectors: SpotSelectors, batches_list: list[dict[int, LayerBatch]], loss: str = "forward_kl") -> dict:
+    """Mean prefill / decode divergence per layer over captured windows (e.g. held-out text)."""
+    sums: dict[int, list[float]] = {layer: [0.0, 0.0] for layer in selectors.layers}
+    for batches in batches_list:
+        for layer in selectors.layers:
+            prefill, decode = layer_losses(selectors[layer], batches[layer], loss)
+            sums[layer][0] += float(prefill)
+            sums[layer][1] += float(decode)
+    count = max(len(batches_list), 1)
+    per_layer = {layer: {"prefill": s[0] / count, "decode": s[1] / count} for layer, s in sums.items()}
+    return {
+        "loss": loss,
+        "prefill": sum(v["prefill"] for v in per_layer.values()) / len(per_layer),
+        "decode": sum(v["decode"] for v in per_layer.values()) / len(per_layer),
+        "per_layer": per_layer,
+    }
+
+
+def distill(
+    model_path: str | None,
+    out_dir: str,
+    train_ctx: int = 1024,
+    steps: int = 600,
+    lr: float = 3e-3,
+    seed: int = 0,
+    loss: str = "forward_kl",
+    resume: bool = True,
+    device: str = "cpu",
+    model=None,
+    tokenizer=None,
+    layers: list[int] | None = None,
+    settings: DistillSettings | None = None,
+    compare_losses: tuple[str, ...] = (),
+    progress: bool = True,
+    time_limit_s: float | None = None,
+    log=print,
+) -> SpotSelectors:
+    """Trains selectors for every full-attention layer (or ``layers``) of the model at
+    ``model_path`` (``None``: the default model) and saves them to ``out_dir``.
+
+    ``model``/``tokenizer`` may be passed already loaded. ``compare_losses`` trains further
+    selectors with other losses on the very same captures and steps (a capture costs far more
+    than a step, so a comparison is nearly free); they are saved to ``out_dir/variants/<loss>``.
+    ``time_limit_s`` stops early (after a checkpoint) when the wall time is spent. Returns the
+    main selectors (not calibrated: see ``policy.calibrate_top_p``)."""
+    for name in (loss, *compare_losses):
+        if name not in LOSSES:
+            raise ValueError(f"argument 'loss': expected one of {LOSSES}, got {name!r}")
+    settings = dataclasses.replace(settings or DistillSettings(), train_ctx=train_ctx, steps=steps, lr=lr, seed=seed,
+                                   loss=loss)
+    started = time.time()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if model is None:
+        model, tokenizer = models.load_model(model_path, dtype=torch.float32, device=device)
+    model.requires_grad_(False)
+    model_id = models.model_id(model_path) if model_path is not None else models.DEFAULT_MODEL_ID
+    config = SelectorConfig.for_model(model.config, model_id, layers=layers, selector_dim=settings.selector_dim,
+                                      block_size=settings.block_size)
+    windows_needed = settings.steps // settings.updates_per_window + 1
+    used: list = []
+    windows = data_module.training_windows(tokenizer, settings.train_ctx, windows_needed, seed=seed, used=used)
+    if not windows:
+        raise RuntimeError("no training text long enough for train_ctx")
+    losses = (loss, *[name for name in compare_losses if name != loss])
+    variants = {}
+    for name in losses:
+        selectors = SpotSelectors(dataclasses.replace(config, training={})).to(device)
+        optimizer = torch.optim.AdamW([p for p in selectors.parameters() if p.requires_grad], lr=settings.lr,
+                                      weight_decay=settings.weight_decay)
+        variants[name] = (selectors, optimizer)
+    main_selectors = variants[loss][0]
+    os.makedirs(out_dir, exist_ok=True)
+    checkpoint_path = os.path.join(out_dir, CHECKPOINT_NAME)
+    step = 0
+    history: list[dict] = []
+    if resume and os.path.isfile(checkpoint_path):
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        for name, (selectors, optimizer) in variants.items():
+            selectors.load_state_dict(state["variants"][name]["selectors"])
+            optimizer.load_state_dict(state["variants"][name]["optimizer"])
+        step = int(state["step"])
+        history = state.get("history", [])
+        log(f"resumed from {checkpoint_path} at step {step}")
+    generator = torch.Generator().manual_seed(seed * 1000003 + step)
+    replay: list[dict[int, LayerBatch]] = []
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=settings.steps, initial=step, desc=f"distill {loss}", disable=not progress, smoothing=0.1)
+    except ImportError:  # pragma: no cover - tqdm is a dependency of transformers
+        bar = None
+    if step == 0:
+        captured = capture_window(model, windows[0][None], main_selectors.layers)
+        for selectors, _ in variants.values():
+            for layer, (q, k, _) in captured.items():
+                selectors[layer].init_statistics(q, k)
+        del captured
+    window_index = step // settings.updates_per_window
+    while step < settings.steps:
+        if step % settings.updates_per_window == 0 or not replay:
+            window_index = step // settings.updates_per_window
+            # Inputs are parameter-free, so one set of batches serves every variant.
+            replay.append(_window_batches(model, main_selectors, windows[window_index % len(windows)], settings,
+                                          generator))
+            replay = replay[-settings.replay :]
+        # The newest capture first, then replayed ones.
+        pick = len(replay) - 1 if step % settings.updates_per_window == 0 else int(
+            torch.randint(0, len(replay), (1,), generator=generator))
+        record = {"step": step + 1, "window": window_index}
+        for name, (selectors, optimizer) in variants.items():
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * _lr_factor(step, settings)
+            optimizer.zero_grad(set_to_none=True)
+            value, _ = total_loss(selectors, replay[pick], name)
+            value.backward()
+            optimizer.step()
+            record[name] = float(value.detach())
+        step += 1
+        history.append(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record[loss]:.4f}")
+            bar.update(1)
+        out_of_time = time_limit_s is not None and time.time() - started > time_limit_s
+        if step % settings.checkpoint_every == 0 or step == settings.steps or out_of_time:
+            state = {
+                "variants": {name: {"selectors": sel.state_dict(), "optimizer": opt.state_dict()}
+                             for name, (sel, opt) in variants.items()},
+                "step": step, "history": history, "settings": dataclasses.asdict(settings),
+            }
+            torch.save(state, checkpoint_path + ".tmp")
+            os.replace(checkpoint_path + ".tmp", checkpoint_path)
+        if out_of_time:
+            log(f"time limit reached at step {step}")
+            break
+    if bar is not None:
+        bar.close()
+    for name, (selectors, _) in variants.items():
+        selectors.config.training = {
+            "loss": name,
+            "settings": dict(dataclasses.asdict(settings), loss=name),
+            "steps_done": step,
+            "windows_seen": min(window_index + 1, len(windows)),
+            "wall_time_s": round(time.time() - started, 1),
+            "final_loss": history[-1][name] if history else None,
+            "train_files": sorted({record["path"] for record in used}),
+        }
+        selectors.save(out_dir if name == loss else os.path.join(out_dir, "variants", name))
+    return main_selectors
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: ``spot-attn distill`` / ``python -m spot_attention.distill``
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="GGUF file or local HF directory (default: SmolLM2-135M)")
+    parser.add_argument("--out", required=True, help="directory for selector.json / selector.safetensors")
+    parser.add_argument("--train-ctx", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss", choices=LOSSES, default="forward_kl")
+    parser.add_argument("--selector-dim", type=int, default=64)
+    parser.add_argument("--tokens-per-window", type=int, default=256)
+    parser.add_argument("--compare-loss", action="append", default=[], choices=LOSSES,
+                        help="also train a variant with this loss on the same captures (repeatable)")
+    parser.add_argument("--updates-per-window", type=int, default=4)
+    parser.add_argument("--replay", type=int, default=8)
+    parser.add_argument("--no-resume", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--time-limit", type=float, default=None, help="stop (checkpointed) after this many seconds")
+    parser.add_argument("--calibrate", action="store_true", help="calibrate top_p per layer after training")
+    parser.add_argument("--target-recall", type=float, default=0.95)
+    parser.add_argument("--calib-ctx", type=int, default=2048)
+    parser.add_argument("--calib-windows", type=int, default=4)
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    model, tokenizer = models.load_model(args.model, dtype=torch.float32, device=args.device)
+    settings = DistillSettings(selector_dim=args.selector_dim, tokens_per_window=args.tokens_per_window,
+                               updates_per_window=args.updates_per_window, replay=args.replay)
+    selectors = distill(args.model or models.default_model_path(), args.out, train_ctx=args.train_ctx,
+                        steps=args.steps, lr=args.lr, seed=args.seed, loss=args.loss, resume=not args.no_resume,
+                        device=args.device, model=model, tokenizer=tokenizer, settings=settings,
+                        compare_losses=tuple(args.compare_loss), time_limit_s=args.time_limit)
+    if args.calibrate:
+        from .policy import calibrate_selectors
+
+        result = calibrate_selectors(selectors, model, tokenizer, target_recall=args.target_recall,
+                                     context=args.calib_ctx, windows=args.calib_windows)
+        selectors.save(args.out)
+        print(json.dumps({"top_p": result["top_p"], "recall": result["recall"]}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spot-attn distill", description="Distil SpotAttention selectors")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
