@@ -14,6 +14,15 @@ from spot_attention import cli  # noqa: E402
 from test_hf_integration import real_selectors, tiny_llama  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread avoids paying thread hand-offs on a shared, busy CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 class CharacterTokenizer:
     """Bytes modulo the tiny model's vocabulary: enough to drive the commands offline."""
 

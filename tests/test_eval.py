@@ -16,6 +16,15 @@ from spot_attention.integrations import hf, kernels  # noqa: E402
 from test_hf_integration import BLOCK, ProjectionSelectors, dense_logits, tiny_llama, tokens  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread avoids paying thread hand-offs on a shared, busy CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def attach_method(model, method, **kwargs):
     return hf.attach(model, method=method, **kwargs)
 
@@ -170,3 +179,21 @@ def test_run_eval_rows_and_report(tmp_path):
     table = open(paths["markdown"]).read()
     assert "| 260 | streaming | 1 |" in table and "doc2" in table
     assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_harness_runs_every_method_at_block_64():
+    model = tiny_llama(heads_q=8, heads_kv=2, head_dim=64).to("cuda", torch.bfloat16)
+    selectors = ProjectionSelectors(model.config, [0, 1, 2], rank=64, block_size=64, top_p=0.9, k_min=2)
+    for selector in selectors.layers.values():
+        selector.to("cuda")
+    methods = harness.learned_methods(selectors, top_p_sweep=(1.0,)) + baselines.baseline_methods(64)
+    handle = hf.attach(model, method=methods[0], measure_recall=True)
+    documents = [harness.Document(f"doc{i}", tokens(1, 1100, seed=40 + i)[0]) for i in range(2)]
+    result = harness.run_eval(model, handle, documents, [1024], methods, docs_per_length=2, progress=False)
+    assert len(result["rows"]) == len(methods)
+    full = next(row for row in result["rows"] if row["method"] == "spot" and row["budget"] == 1.0)
+    assert full["frac_read"] == pytest.approx(1.0) and full["top1_agree"] > 0.97
+    for row in result["rows"]:
+        assert 0 < row["frac_read"] <= 1 and 0 <= row["recall"] <= 1 + 1e-4 and math.isfinite(row["ppl"])
