@@ -2,7 +2,7 @@
 where it exists for the tensors' device, otherwise an exact fallback, with a record of which ran.
 
 Fallbacks are exact (same semantics as ``reference.py``) but built for speed on any device:
-selection is vectorised, sparse attention runs as torch SDPA under the dense mask expanded from
+selection is ``policy.select_mask`` (vectorised), sparse attention runs as torch SDPA under the dense mask expanded from
 the chosen blocks (the *masked* backend), block mass is a chunked dense pass. A kernel that is
 a placeholder ("not implemented yet") or not compiled for the device is detected on first use
 and not tried again on that device type.
@@ -108,20 +108,6 @@ def block_mask_from_indices(indices: torch.Tensor, counts: torch.Tensor, num_key
     return mask[..., :num_key_blocks]
 
 
-def indices_from_block_mask(mask: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool [..., NK] -> (indices int32 [..., k_max] ascending, -1 padded; counts int32 [...]).
-    Blocks past ``k_max`` (by index) are dropped."""
-    num_blocks = mask.shape[-1]
-    positions = torch.arange(num_blocks, device=mask.device).expand_as(mask)
-    keyed = torch.where(mask, positions, torch.full_like(positions, num_blocks))
-    ordered = keyed.sort(-1).values[..., :k_max]
-    if ordered.shape[-1] < k_max:
-        ordered = F.pad(ordered, (0, k_max - ordered.shape[-1]), value=num_blocks)
-    counts = (ordered < num_blocks).sum(-1).to(torch.int32)
-    indices = torch.where(ordered < num_blocks, ordered, torch.full_like(ordered, -1)).to(torch.int32)
-    return indices, counts
-
-
 def prefill_block_mask(indices: torch.Tensor, counts: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """The key blocks a prefill query block actually reads: its chosen blocks that are not after
     it, plus always its diagonal block (``sparse_prefill``'s rule). bool [B, Hkv, NQ, NQ]."""
@@ -136,45 +122,12 @@ def prefill_block_mask(indices: torch.Tensor, counts: torch.Tensor, num_blocks: 
 # --------------------------------------------------------------------------------------------
 
 
-def select_blocks_torch(
-    scores: torch.Tensor,
-    num_visible: torch.Tensor,
-    top_p: float,
-    k_min: int,
-    k_max: int,
-    sink_blocks: int,
-    local_blocks: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vectorised ``reference.select_blocks`` (same rule, float64 accumulation), any device."""
-    batch, heads, rows, num_blocks = scores.shape
-    device = scores.device
-    column = torch.arange(num_blocks, device=device)
-    visible_count = num_visible.long()[:, None, :, None]  # [B, 1, NQ, 1]
-    visible = (column < visible_count).expand(batch, heads, rows, num_blocks)
-    logits = scores.double().masked_fill(~visible, float("-inf"))
-    any_finite = torch.isfinite(logits).any(-1, keepdim=True)
-    prob = torch.softmax(torch.where(any_finite, logits, torch.zeros_like(logits)), -1)
-    prob = torch.where(any_finite & visible, prob, torch.zeros_like(prob)).nan_to_num(0.0)
-    forced = visible & ((column < sink_blocks) | (column >= visible_count - local_blocks))
-    candidate = visible & ~forced
-    forced_mass = (prob * forced).sum(-1, keepdim=True)
-    forced_count = forced.sum(-1, keepdim=True)
-    candidate_count = candidate.sum(-1, keepdim=True)
-    # Stable descending sort keeps the lower index first among equal probabilities.
-    ranked_prob, order = torch.sort(torch.where(candidate, prob, torch.full_like(prob, -1.0)), stable=True,
-                                    dim=-1, descending=True)
-    ranked_prob = ranked_prob.clamp(min=0.0)
-    mass_before = forced_mass + torch.cumsum(ranked_prob, -1) - ranked_prob
-    rank = torch.arange(num_blocks, device=device)
-    reached = (mass_before >= top_p) & (rank < candidate_count)
-    k_p = torch.where(reached.any(-1, keepdim=True), reached.int().argmax(-1, keepdim=True), candidate_count)
-    total = (forced_count + k_p).clamp(min=k_min, max=k_max)
-    extra = torch.minimum((total - forced_count).clamp(min=0), candidate_count)
-    take_ranked = rank < extra
-    chosen = forced.clone()
-    chosen.scatter_(-1, order, take_ranked & (torch.gather(candidate, -1, order)))
-    chosen |= forced
-    return indices_from_block_mask(chosen, k_max)
+def select_blocks_torch(scores, num_visible, top_p, k_min, k_max, sink_blocks, local_blocks):
+    """The vectorised dual top-p of ``policy.select_mask`` as (indices, counts), any device."""
+    from .. import policy
+
+    mask = policy.select_mask(scores, num_visible, top_p, k_min, k_max, sink_blocks, local_blocks)
+    return policy.indices_from_mask(mask, k_max)
 
 
 def select_blocks(scores, num_visible, top_p, k_min, k_max, sink_blocks=1, local_blocks=1, *, force_fallback=False):
