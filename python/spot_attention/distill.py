@@ -457,6 +457,33 @@ def distill(
     return main_selectors
 
 
+@torch.no_grad()
+def heldout_divergences(
+    selectors_by_name: dict[str, SpotSelectors],
+    model,
+    tokenizer,
+    context: int = 1024,
+    windows: int = 4,
+    split: str = "heldout",
+    seed: int = 0,
+    tokens_per_window: int = 256,
+) -> dict[str, Any]:
+    """Forward and reverse KL (prefill and decode rows) of each named selector set on windows of
+    a split it was not trained on; all sets see the same captures and rows."""
+    used: list = []
+    texts = data_module.training_windows(tokenizer, context, windows, seed=seed, split=split, used=used)
+    reference_selectors = next(iter(selectors_by_name.values()))
+    generator = torch.Generator().manual_seed(seed)
+    captures = [_window_batches(model, reference_selectors, window, DistillSettings(
+        tokens_per_window=tokens_per_window, block_size=reference_selectors.config.block_size), generator)
+        for window in texts]
+    result: dict[str, Any] = {"split": split, "context": context, "windows": len(texts),
+                              "files": sorted({record["path"] for record in used})}
+    for name, selectors in selectors_by_name.items():
+        result[name] = {measure: evaluate(selectors, captures, measure) for measure in ("forward_kl", "reverse_kl")}
+    return result
+
+
 # --------------------------------------------------------------------------------------------
 # Command line: ``spot-attn distill`` / ``python -m spot_attention.distill``
 # --------------------------------------------------------------------------------------------
@@ -484,24 +511,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--calib-ctx", type=int, default=2048)
     parser.add_argument("--calib-windows", type=int, default=4)
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="skip training: calibrate the selector already in --out")
+    parser.add_argument("--heldout-report", action="store_true",
+                        help="write heldout_kl.json: forward/reverse KL of the selector and its variants")
 
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer = models.load_model(args.model, dtype=torch.float32, device=args.device)
-    settings = DistillSettings(selector_dim=args.selector_dim, tokens_per_window=args.tokens_per_window,
-                               updates_per_window=args.updates_per_window, replay=args.replay)
-    selectors = distill(args.model or models.default_model_path(), args.out, train_ctx=args.train_ctx,
-                        steps=args.steps, lr=args.lr, seed=args.seed, loss=args.loss, resume=not args.no_resume,
-                        device=args.device, model=model, tokenizer=tokenizer, settings=settings,
-                        compare_losses=tuple(args.compare_loss), time_limit_s=args.time_limit)
+    if args.calibrate_only:
+        selectors = SpotSelectors.load(args.out, args.device)
+    else:
+        settings = DistillSettings(selector_dim=args.selector_dim, tokens_per_window=args.tokens_per_window,
+                                   updates_per_window=args.updates_per_window, replay=args.replay)
+        selectors = distill(args.model, args.out, train_ctx=args.train_ctx, steps=args.steps, lr=args.lr,
+                            seed=args.seed, loss=args.loss, resume=not args.no_resume, device=args.device,
+                            model=model, tokenizer=tokenizer, settings=settings,
+                            compare_losses=tuple(args.compare_loss), time_limit_s=args.time_limit)
     if args.calibrate:
         from .policy import calibrate_selectors
 
+        started = time.time()
         result = calibrate_selectors(selectors, model, tokenizer, target_recall=args.target_recall,
                                      context=args.calib_ctx, windows=args.calib_windows)
+        selectors.config.training["calibration"]["wall_time_s"] = round(time.time() - started, 1)
         selectors.save(args.out)
-        print(json.dumps({"top_p": result["top_p"], "recall": result["recall"]}, indent=1))
+        summary = result["summary"]
+        print(json.dumps({"top_p": {k: round(v, 4) for k, v in result["top_p"].items()},
+                          "mean_fraction_read": summary["mean_fraction_read"]}, indent=1))
+    if args.heldout_report:
+        named = {selectors.config.training.get("loss", "main"): selectors}
+        variants = os.path.join(args.out, "variants")
+        if os.path.isdir(variants):
+            for name in sorted(os.listdir(variants)):
+                named[name] = SpotSelectors.load(os.path.join(variants, name), args.device)
+        report = heldout_divergences(named, model, tokenizer, context=args.train_ctx)
+        with open(os.path.join(args.out, "heldout_kl.json"), "w") as handle:
+            json.dump(report, handle, indent=1)
+        for name in named:
+            print(name, {measure: {"prefill": round(v["prefill"], 4), "decode": round(v["decode"], 4)}
+                         for measure, v in report[name].items()})
     return 0
 
 
