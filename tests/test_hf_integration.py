@@ -297,11 +297,6 @@ def test_sparse_layer_output_matches_reference_sparse_prefill():
     selectors = ProjectionSelectors(model.config, [0], top_p=0.5, k_min=1, k_max=3)
     method = hf.LearnedSelection(selectors)
     captured = {}
-    attention = hf.decoder_layers(model)[0].self_attn
-
-    def capture(module, args, kwargs, output):
-        captured["output"] = output[0]
-
     handle = hf.attach(model, method=method)
     original = handle.attend
 
@@ -322,7 +317,6 @@ def test_sparse_layer_output_matches_reference_sparse_prefill():
                                            captured["scaling"])
     got = kernels.sparse_prefill(q, k, v, indices, counts, BLOCK, captured["scaling"])
     torch.testing.assert_close(got.reshape(-1, heads_q, dim), expected, atol=1e-5, rtol=1e-5)
-    del attention
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
