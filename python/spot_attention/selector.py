@@ -19,7 +19,7 @@ Feature layout (``r = 2 * rotary_pairs + variance_bands + bias_dims``, default 4
 * **rotary dims** ``[0, 2P)``: the layer's own RoPE frequency pairs (HF ``rotate_half`` layout:
   pair ``f`` is dims ``(f, f + d/2)``, angular frequency ``theta^(-2f/d)``), the ``P`` lowest
   frequencies. The query side multiplies each pair by a learned complex weight per query head
-  and sums the group's heads; the key side is the block mean of the pair. A complex (rotation-
+  and sums the group's heads; the key side is the block's pooled pair (see below). A complex (rotation-
   commuting) weight keeps ``qsel . ksel`` a function of the query and key CONTENT and of the
   RELATIVE position only, exactly as in the frozen attention, which is how the selector extends
   to 8x its training length: no absolute-position feature exists for it to overfit. Pairs whose
@@ -32,6 +32,11 @@ Feature layout (``r = 2 * rotary_pairs + variance_bands + bias_dims``, default 4
   side is the max over the block's tokens of a linear function of the tokens' squared pair norms,
   the query side a linear function of the query's squared pair norms plus a constant. Rotation
   invariant as well.
+
+Block keys pool their tokens with learned weights: a softmax inside the block over a linear
+function of each token's squared pair norms (rotation invariant; uniform, i.e. the block mean,
+at init). A block whose attention is drawn by one token (a sink, a delimiter) gets that token's
+key rather than a blurred mean, and a shift of every position still only rotates each pair.
 
 Fixed per-dim gains (``key_gain`` etc., set by ``init_statistics`` from captured keys) bring every
 key dim to unit scale, so the 4-bit K-cache formats (one scale per 16 or 32 dims) lose little; the
@@ -190,6 +195,8 @@ class LayerSelector(nn.Module):
         self.bias_key_offset = nn.Parameter(torch.zeros(hkv, bias))
         self.bias_query_weight = nn.Parameter(torch.zeros(hkv, bias, group, half))
         self.bias_query_offset = nn.Parameter(torch.zeros(hkv, bias))
+        # Key pooling: zero weights give the plain block mean.
+        self.pool_weight = nn.Parameter(torch.zeros(hkv, half))
 
         # Fixed gains that bring each key dim to unit scale (4-bit friendly); see init_statistics.
         self.register_buffer("key_gain", torch.ones(hkv, pairs))
@@ -271,9 +278,9 @@ class LayerSelector(nn.Module):
         return sums / sizes
 
     def key_inputs(self, key: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Parameter-free per-block quantities of the COMPLETE blocks: block means of the pairs
-        ``[B, Hkv, N, d/2]`` (real, imag), in-block spread ``[B, Hkv, N, d/2]``, token squared
-        pair norms ``[B, Hkv, N, block, d/2]``."""
+        """Parameter-free per-block quantities of the COMPLETE blocks: the tokens' rotary pairs
+        ``[B, Hkv, N, block, P]`` (real, imag), the in-block spread of every pair ``[B, Hkv, N,
+        d/2]`` and the tokens' squared pair norms ``[B, Hkv, N, block, d/2]``."""
         batch, heads, length, dim = key.shape
         if heads != self.num_kv_heads or dim != self.head_dim:
             raise ValueError(f"argument 'key': expected [B, {self.num_kv_heads}, L, {self.head_dim}], "
@@ -281,17 +288,24 @@ class LayerSelector(nn.Module):
         complete = length // self.block_size
         k = key[:, :, : complete * self.block_size].float().view(batch, heads, complete, self.block_size, dim)
         real, imag = self._pairs(k)  # [B, Hkv, N, bs, d/2]
-        mean_re, mean_im = real.mean(3), imag.mean(3)  # [B, Hkv, N, d/2]
-        spread = ((real - mean_re[:, :, :, None]) ** 2 + (imag - mean_im[:, :, :, None]) ** 2).mean(3)
-        return {"mean_real": mean_re, "mean_imag": mean_im, "spread": spread, "energy": real * real + imag * imag}
+        mean_re, mean_im = real.mean(3, keepdim=True), imag.mean(3, keepdim=True)
+        spread = ((real - mean_re) ** 2 + (imag - mean_im) ** 2).mean(3)
+        index = self.rotary_index
+        return {"real": real[..., index], "imag": imag[..., index], "spread": spread,
+                "energy": real * real + imag * imag}
 
     def key_features_from_inputs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        index = self.rotary_index
+        energy = inputs["energy"] / self.key_energy_scale[None, :, None, None, :]  # [B, Hkv, N, bs, d/2]
+        # Attention pooling inside the block: token weights from rotation-invariant token
+        # features (uniform at init), so a block's key can follow the tokens that draw attention
+        # (sinks, delimiters) while every score stays a relative-position function.
+        pool_logits = torch.einsum("bhntf,hf->bhnt", energy, self.pool_weight)
+        weights = torch.softmax(pool_logits, -1)[..., None]  # [B, Hkv, N, bs, 1]
         key_gain = self.key_gain[None, :, None, :]
-        rotary = torch.stack((inputs["mean_real"][..., index] * key_gain, inputs["mean_imag"][..., index] * key_gain),
-                             -1).flatten(-2)
+        pooled_re = (weights * inputs["real"]).sum(3) * key_gain  # [B, Hkv, N, P]
+        pooled_im = (weights * inputs["imag"]).sum(3) * key_gain
+        rotary = torch.stack((pooled_re, pooled_im), -1).flatten(-2)
         variance = self._band_sum(inputs["spread"]) * self.variance_gain[None, :, None, :]
-        energy = inputs["energy"] / self.key_energy_scale[None, :, None, None, :]
         token_bias = torch.einsum("bhntf,hjf->bhntj", energy, self.bias_key_weight)
         bias = (token_bias.amax(3) + self.bias_key_offset[None, :, None, :]) * self.bias_gain[None, :, None, :]
         return torch.cat((rotary, variance, bias), -1)
@@ -384,7 +398,15 @@ class SpotSelectors(nn.Module):
             config = SelectorConfig.from_json(json.load(handle))
         selectors = cls(config)
         state = load_file(os.path.join(directory, WEIGHTS_NAME))
-        selectors.load_state_dict(state, strict=True)
+        expected = set(selectors.state_dict())
+        missing = expected - set(state)
+        unexpected = set(state) - expected
+        # Files written before key pooling was learned have no pool weights: zeros (the plain
+        # block mean) reproduce them exactly.
+        if unexpected or any(not name.endswith(".pool_weight") for name in missing):
+            raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)} does not match selector.json: "
+                             f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        selectors.load_state_dict(state, strict=False)
         return selectors.to(device)
 
 
