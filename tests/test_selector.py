@@ -52,9 +52,14 @@ def test_shapes_and_complete_blocks(group, length):
     assert features.shape == (2, 2, length, 32) and features.dtype == torch.float32
     pooled = selector.pool_query_blocks(features)
     assert pooled.shape == (2, 2, reference.num_blocks(length, 16), 32)
-    # The last (possibly partial) query block is the mean of its own tokens.
+    # The last (possibly partial) query block is the mean of its own tokens (times the prefill
+    # scale, 1 at init).
     last = (reference.num_blocks(length, 16) - 1) * 16
     torch.testing.assert_close(pooled[:, :, -1], features[:, :, last:].mean(2))
+    with torch.no_grad():
+        selector.prefill_scale.copy_(torch.tensor([0.5, 2.0]))
+    scaled = selector.pool_query_blocks(features)
+    torch.testing.assert_close(scaled, pooled * torch.tensor([0.5, 2.0])[None, :, None, None])
     keys = selector.key_features(key)
     assert keys.shape == (2, 2, length // 16, 32)
 
@@ -75,8 +80,8 @@ def test_pooling_inputs_equals_pooling_features():
     selector = _trained_like(LayerSelector(_config(), 0), generator)
     query = torch.randn(1, 6, 45, 32, generator=generator)
     inputs = selector.query_inputs(query)
-    pooled_inputs = {name: selector.pool_query_blocks(value) for name, value in inputs.items()}
-    torch.testing.assert_close(selector.query_features_from_inputs(pooled_inputs),
+    pooled_inputs = {name: selector.pool_blocks(value) for name, value in inputs.items()}
+    torch.testing.assert_close(selector.prefill_features_from_inputs(pooled_inputs),
                                selector.pool_query_blocks(selector.query_features(query)), rtol=1e-5, atol=1e-5)
 
 

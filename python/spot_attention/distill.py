@@ -198,7 +198,7 @@ class LayerBatch:
     rows) and subsampled (decode rows) once per capture, and each training step touches only
     those rows."""
 
-    block_inputs: dict  # query_inputs pooled per query block: [B, Hkv, G, NQ, ...]
+    block_inputs: dict  # query_inputs pooled per query block (pool_blocks): [B, Hkv, G, NQ, ...]
     token_inputs: dict  # query_inputs at token_positions: [B, Hkv, G, S, ...]
     key_inputs: dict  # LayerSelector.key_inputs of the window's keys
     prefill_teacher: torch.Tensor  # [B, Hkv, NQ, NK]
@@ -218,7 +218,7 @@ def make_layer_batch(selector, query, key, scaling, tokens_per_window, generator
     inputs = selector.query_inputs(query)
     index = positions.to(query.device)
     return LayerBatch(
-        block_inputs={name: selector.pool_query_blocks(value) for name, value in inputs.items()},
+        block_inputs={name: selector.pool_blocks(value) for name, value in inputs.items()},
         token_inputs={name: value.index_select(-2, index) for name, value in inputs.items()},
         key_inputs=selector.key_inputs(key),
         prefill_teacher=prefill_targets(token_mass, block_size),
@@ -235,7 +235,7 @@ def layer_losses(selector, batch: LayerBatch, loss: str) -> tuple[torch.Tensor, 
     bsz = key_features.shape[0]
     device = key_features.device
 
-    pooled = selector.query_features_from_inputs(batch.block_inputs)  # [B, Hkv, NQ, r]
+    pooled = selector.prefill_features_from_inputs(batch.block_inputs)  # [B, Hkv, NQ, r]
     nq = pooled.shape[2]
     rows = torch.arange(1, nq, device=device)  # block 0 sees one block only: nothing to learn
     visible = torch.clamp(rows + 1, max=complete)[None].expand(bsz, -1)

@@ -197,6 +197,10 @@ class LayerSelector(nn.Module):
         self.bias_query_offset = nn.Parameter(torch.zeros(hkv, bias))
         # Key pooling: zero weights give the plain block mean.
         self.pool_weight = nn.Parameter(torch.zeros(hkv, half))
+        # Inverse temperature of pooled (prefill) queries: a query block's teacher is the mean of
+        # its tokens' distributions, flatter or sharper than one token's, so prefill rows get
+        # their own scale instead of pulling the shared weights away from decode rows.
+        self.prefill_scale = nn.Parameter(torch.ones(hkv))
 
         # Fixed gains that bring each key dim to unit scale (4-bit friendly); see init_statistics.
         self.register_buffer("key_gain", torch.ones(hkv, pairs))
@@ -265,14 +269,23 @@ class LayerSelector(nn.Module):
         return self.query_features_from_inputs(self.query_inputs(query))
 
     def pool_query_blocks(self, query_features: torch.Tensor) -> torch.Tensor:
-        """[..., L, r] -> [..., ceil(L / block_size), r]: mean per query block (the last one may
-        be partial)."""
-        *lead, length, rank = query_features.shape
+        """[B, Hkv, L, r] -> [B, Hkv, ceil(L / block_size), r]: mean per query block (the last one
+        may be partial) times the learned prefill scale."""
+        return self.pool_blocks(query_features) * self.prefill_scale[:, None, None]
+
+    def prefill_features_from_inputs(self, pooled_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``query_inputs`` pooled per query block (``pool_blocks``) -> prefill selector queries;
+        equals ``pool_query_blocks(query_features(query))``."""
+        return self.query_features_from_inputs(pooled_inputs) * self.prefill_scale[:, None, None]
+
+    def pool_blocks(self, values: torch.Tensor) -> torch.Tensor:
+        """[..., L, x] -> [..., ceil(L / block_size), x]: plain mean per block of tokens."""
+        *lead, length, width = values.shape
         nq = (length + self.block_size - 1) // self.block_size
         pad = nq * self.block_size - length
-        padded = torch.nn.functional.pad(query_features, (0, 0, 0, pad))
-        sums = padded.view(*lead, nq, self.block_size, rank).sum(-2)
-        sizes = torch.full((nq, 1), float(self.block_size), device=query_features.device)
+        padded = torch.nn.functional.pad(values, (0, 0, 0, pad))
+        sums = padded.view(*lead, nq, self.block_size, width).sum(-2)
+        sizes = torch.full((nq, 1), float(self.block_size), device=values.device)
         if nq:
             sizes[-1] = self.block_size - pad
         return sums / sizes
@@ -401,9 +414,9 @@ class SpotSelectors(nn.Module):
         expected = set(selectors.state_dict())
         missing = expected - set(state)
         unexpected = set(state) - expected
-        # Files written before key pooling was learned have no pool weights: zeros (the plain
-        # block mean) reproduce them exactly.
-        if unexpected or any(not name.endswith(".pool_weight") for name in missing):
+        # Files written before key pooling / the prefill scale were learned lack them: their
+        # initial values (plain block mean, scale 1) reproduce those files exactly.
+        if unexpected or any(not name.endswith((".pool_weight", ".prefill_scale")) for name in missing):
             raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)} does not match selector.json: "
                              f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
         selectors.load_state_dict(state, strict=False)
