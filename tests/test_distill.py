@@ -166,3 +166,19 @@ def test_data_split_is_by_file_and_fixed():
     assert [record["path"] for record in used] == [record["path"] for record in data.used_files("heldout")[-2:]]
     with pytest.raises(ValueError, match="argument 'split'"):
         data.source_files("test")
+
+
+def test_calibrate_selectors_on_captured_text():
+    from spot_attention import policy
+
+    model = _tiny_llama(seed=7)
+    selectors = _selectors(model)
+    tokenizer = ByteTokenizer()
+    result = policy.calibrate_selectors(selectors, model, tokenizer, target_recall=0.9, context=(64, 96), windows=1,
+                                        token_rows=24)
+    config = selectors.config
+    assert set(config.top_p) == {0, 1} and all(0.0 <= p <= 1.0 for p in config.top_p.values())
+    assert all(value >= 0.9 for value in result["recall"].values())
+    summary = config.training["calibration"]
+    assert summary["contexts"] == [64, 96] and summary["windows"] == 2
+    assert summary["files"] and all(data.split_of(path) == "calibration" for path in summary["files"])

@@ -509,8 +509,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=float, default=None, help="stop (checkpointed) after this many seconds")
     parser.add_argument("--calibrate", action="store_true", help="calibrate top_p per layer after training")
     parser.add_argument("--target-recall", type=float, default=0.95)
-    parser.add_argument("--calib-ctx", type=int, default=2048)
-    parser.add_argument("--calib-windows", type=int, default=4)
+    parser.add_argument("--calib-ctx", type=int, nargs="+", default=[2048, 4096],
+                        help="calibration window lengths (rows of all of them are pooled)")
+    parser.add_argument("--calib-windows", type=int, default=2, help="windows per calibration length")
+    parser.add_argument("--local-blocks", type=int, default=None, help="set the policy's local blocks before calibrating")
+    parser.add_argument("--sink-blocks", type=int, default=None)
+    parser.add_argument("--k-min", type=int, default=None)
     parser.add_argument("--calibrate-only", action="store_true",
                         help="skip training: calibrate the selector already in --out")
     parser.add_argument("--heldout-report", action="store_true",
@@ -529,12 +533,15 @@ def run(args: argparse.Namespace) -> int:
                             seed=args.seed, loss=args.loss, resume=not args.no_resume, device=args.device,
                             model=model, tokenizer=tokenizer, settings=settings,
                             compare_losses=tuple(args.compare_loss), time_limit_s=args.time_limit)
+    for name in ("local_blocks", "sink_blocks", "k_min"):
+        if getattr(args, name, None) is not None:
+            setattr(selectors.config, name, int(getattr(args, name)))
     if args.calibrate:
         from .policy import calibrate_selectors
 
         started = time.time()
         result = calibrate_selectors(selectors, model, tokenizer, target_recall=args.target_recall,
-                                     context=args.calib_ctx, windows=args.calib_windows)
+                                     context=tuple(args.calib_ctx), windows=args.calib_windows)
         selectors.config.training["calibration"]["wall_time_s"] = round(time.time() - started, 1)
         selectors.save(args.out)
         summary = result["summary"]

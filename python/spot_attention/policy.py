@@ -38,7 +38,7 @@ class DualTopP:
     k_min: int = 2
     k_max: int = 1 << 20
     sink_blocks: int = 1
-    local_blocks: int = 1
+    local_blocks: int = 2
     default_top_p: float = 0.95
 
     @classmethod
@@ -319,20 +319,24 @@ def calibrate_selectors(
     model: Any,
     tokenizer: Any,
     target_recall: float = 0.95,
-    context: int = 2048,
+    context: int | tuple[int, ...] | list[int] = 2048,
     windows: int = 4,
     token_rows: int = 256,
     seed: int = 0,
     split: str = "calibration",
 ) -> dict[str, Any]:
-    """Captures ``windows`` windows of ``context`` tokens from the calibration split, scores them
-    with the selectors and sets ``selectors.config.top_p`` per layer (prefill and decode rows
-    pooled). Records the files and the per-layer result in ``config.training["calibration"]``."""
+    """Captures ``windows`` windows of each ``context`` length from the calibration split, scores
+    them with the selectors and sets ``selectors.config.top_p`` per layer (prefill and decode rows
+    of every length pooled). Records the files and the per-layer result in
+    ``config.training["calibration"]``."""
     from . import data
     from .distill import capture_window
 
+    contexts = [context] if isinstance(context, int) else list(context)
     used: list = []
-    texts = data.training_windows(tokenizer, context, windows, seed=seed, split=split, used=used)
+    texts = []
+    for length in contexts:
+        texts += data.training_windows(tokenizer, length, windows, seed=seed, split=split, used=used)
     generator = torch.Generator().manual_seed(seed)
     rows: dict[int, list[CalibrationRows]] = {layer: [] for layer in selectors.layers}
     for window in texts:
@@ -344,11 +348,14 @@ def calibrate_selectors(
     result = calibrate_top_p(selectors, rows, target_recall)
     summary = {
         "target_recall": target_recall,
-        "context": context,
+        "contexts": contexts,
         "windows": len(texts),
+        "k_min": selectors.config.k_min,
+        "sink_blocks": selectors.config.sink_blocks,
+        "local_blocks": selectors.config.local_blocks,
         "files": sorted({record["path"] for record in used}),
-        "per_layer": {str(layer): {key: round(value, 6) for key, value in item.items()} for layer, item in
-                      result.items()},
+        "fraction_read": {str(layer): round(item["fraction_read"], 4) for layer, item in result.items()},
+        "recall": {str(layer): round(item["recall"], 4) for layer, item in result.items()},
         "mean_fraction_read": sum(item["fraction_read"] for item in result.values()) / max(len(result), 1),
     }
     selectors.config.training = dict(selectors.config.training or {}, calibration=summary)
