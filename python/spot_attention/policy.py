@@ -282,10 +282,13 @@ def calibrate_top_p(
 
 @torch.no_grad()
 def selector_rows(selector, query: torch.Tensor, key: torch.Tensor, scaling: float, token_rows: int = 256,
-                  generator: torch.Generator | None = None) -> dict[str, CalibrationRows]:
+                  generator: torch.Generator | None = None, kcache_format: str = "dense"
+                  ) -> dict[str, CalibrationRows]:
     """Prefill rows (every query block) and decode rows (``token_rows`` random positions) of one
     layer, scored the way the integration scores them: complete blocks only, the partial local
-    block visible but unscored. query [B, Hq, L, d]; key [B, Hkv, L, d] post-RoPE."""
+    block visible but unscored; decode rows read the selector keys through the K-cache format
+    (4-bit round trip, global scale 1 as the integration's cache uses), prefill rows the float
+    keys. query [B, Hq, L, d]; key [B, Hkv, L, d] post-RoPE."""
     from .distill import prefill_targets, teacher_token_mass
 
     block = selector.block_size
@@ -308,7 +311,11 @@ def selector_rows(selector, query: torch.Tensor, key: torch.Tensor, scaling: flo
     positions = torch.randperm(length, generator=generator)[: min(token_rows, length)].sort().values.to(query.device)
     scored = ((positions + 1) // block).clamp(max=complete)
     visible = (positions + block) // block  # blocks touching [0, t]
-    scores = selector.logits(query_features[:, :, positions], key_features, scored[None].expand(batch, -1))
+    cached_keys = key_features
+    if kcache_format != "dense" and complete > 0:
+        codes, scales = reference.pack_kcache(key_features, kcache_format)
+        cached_keys = reference.unpack_kcache(codes, scales, kcache_format)
+    scores = selector.logits(query_features[:, :, positions], cached_keys, scored[None].expand(batch, -1))
     scores = torch.nn.functional.pad(scores, (0, nk - complete), value=float("-inf"))
     decode = CalibrationRows(scores, visible[None].expand(batch, -1), token_mass[:, :, positions])
     return {"prefill": prefill, "decode": decode}
@@ -342,7 +349,8 @@ def calibrate_selectors(
     for window in texts:
         captured = capture_window(model, window[None], selectors.layers)
         for layer, (query, key, scaling) in captured.items():
-            parts = selector_rows(selectors[layer], query, key, scaling, token_rows, generator)
+            parts = selector_rows(selectors[layer], query, key, scaling, token_rows, generator,
+                                  kcache_format=selectors.config.kcache_format)
             rows[layer].extend(parts.values())
         del captured
     result = calibrate_top_p(selectors, rows, target_recall)
@@ -353,6 +361,7 @@ def calibrate_selectors(
         "k_min": selectors.config.k_min,
         "sink_blocks": selectors.config.sink_blocks,
         "local_blocks": selectors.config.local_blocks,
+        "kcache_format": selectors.config.kcache_format,
         "files": sorted({record["path"] for record in used}),
         "fraction_read": {str(layer): round(item["fraction_read"], 4) for layer, item in result.items()},
         "recall": {str(layer): round(item["recall"], 4) for layer, item in result.items()},
