@@ -182,3 +182,66 @@ def test_calibrate_selectors_on_captured_text():
     summary = config.training["calibration"]
     assert summary["contexts"] == [64, 96] and summary["windows"] == 2
     assert summary["files"] and all(data.split_of(path) == "calibration" for path in summary["files"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_capture_teacher_and_steps(dtype):
+    """Capture on a CUDA model in half precision, the teacher through the CUDA block_mass kernel
+    (or its fallback), and a few steps that lower the loss, all on the device."""
+    model = _tiny_llama(heads=8, kv_heads=2, head_dim=64, seed=8).to("cuda", dtype)
+    selectors = _selectors(model, block_size=64, selector_dim=64).cuda()
+    ids = torch.randint(0, 97, (1, 333), generator=torch.Generator().manual_seed(8))
+    captured = distill.capture_window(model, ids, selectors.layers)
+    query, key, scaling = captured[0]
+    assert query.is_cuda and query.dtype == dtype
+    mass = distill.teacher_token_mass(query, key, scaling, 64)
+    packed_q = query[0].transpose(0, 1).double().cpu()
+    packed_k = key[0].transpose(0, 1).double().cpu()
+    expected = reference.block_mass(packed_q, packed_k, torch.tensor([0, 333], dtype=torch.int32), 1, 64, scaling)
+    torch.testing.assert_close(mass.cpu(), expected, atol=2e-3, rtol=2e-3)
+    generator = torch.Generator().manual_seed(8)
+    for layer, (q, k, _) in captured.items():
+        selectors[layer].init_statistics(q, k)
+    batches = {layer: distill.make_layer_batch(selectors[layer], q, k, s, 64, generator)
+               for layer, (q, k, s) in captured.items()}
+    before, _ = distill.total_loss(selectors, batches, "forward_kl")
+    optimizer = torch.optim.AdamW(selectors.parameters(), lr=1e-2)
+    for _ in range(10):
+        optimizer.zero_grad()
+        value, _ = distill.total_loss(selectors, batches, "forward_kl")
+        value.backward()
+        optimizer.step()
+    after, _ = distill.total_loss(selectors, batches, "forward_kl")
+    assert float(after.detach()) < float(before.detach())
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_shipped_selector_on_the_default_model():
+    """The shipped SmolLM2-135M selector on a held-out 1K window: low divergence from the real
+    attention, and its calibrated policy keeps most of the attention mass."""
+    from spot_attention import models, policy
+    from spot_attention.selector import load_selectors, shipped_selector_dir
+
+    if not os.path.isfile(os.path.join(shipped_selector_dir(), "selector.json")):
+        pytest.skip("no shipped selector in this checkout")
+    try:
+        model, tokenizer = models.load_model()
+    except (FileNotFoundError, ImportError) as error:
+        pytest.skip(f"default model not available: {error}")
+    selectors = load_selectors()
+    window = data.training_windows(tokenizer, 1024, 1, seed=5, split="heldout")[0]
+    captured = distill.capture_window(model, window[None], selectors.layers)
+    generator = torch.Generator().manual_seed(0)
+    batches = {layer: distill.make_layer_batch(selectors[layer], q, k, s, 128, generator)
+               for layer, (q, k, s) in captured.items()}
+    divergences = distill.evaluate(selectors, [batches])
+    assert divergences["prefill"] < 0.15 and divergences["decode"] < 0.2
+    rule = policy.DualTopP.from_config(selectors.config)
+    recalls = []
+    for layer, (query, key, scaling) in captured.items():
+        rows = policy.selector_rows(selectors[layer], query, key, scaling, 128, generator)["prefill"]
+        recalls.append(policy.layer_recall([rows], rule.layer_top_p(layer), rule.knobs(layer))[0])
+    assert sum(recalls) / len(recalls) > 0.9

@@ -141,3 +141,17 @@ def test_calibration_rejects_bad_target():
                             selector_dim=32, rotary_pairs=8, variance_bands=8, bias_dims=8)
     with pytest.raises(ValueError, match="argument 'target_recall'"):
         policy.calibrate_top_p(SpotSelectors(config), {}, 1.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("nk", [7, 200])
+def test_gpu_select_matches_reference(nk):
+    generator = torch.Generator().manual_seed(nk)
+    scores, num_visible = _random_case(generator, batch=2, heads=8, nq=9, nk=nk)  # random: no ties
+    expected = reference.select_blocks(scores, num_visible, 0.9, 2, min(nk, 64), 1, 2)
+    indices, counts = policy.select(scores.cuda(), num_visible.cuda(), 0.9, 2, min(nk, 64), 1, 2)
+    assert indices.is_cuda and counts.is_cuda
+    assert torch.equal(counts.cpu(), expected[1]) and torch.equal(indices.cpu(), expected[0])
+    mask = policy.select_mask(scores.cuda(), num_visible.cuda(), 0.9, 2, min(nk, 64), 1, 2)
+    assert torch.equal(policy.indices_from_mask(mask, min(nk, 64))[0].cpu(), expected[0])
