@@ -345,7 +345,6 @@ class LayerSelector(nn.Module):
     def init_statistics(self, query: torch.Tensor, key: torch.Tensor) -> None:
         """Set the fixed gains from captured post-RoPE queries/keys of real text (scores at init
         are unchanged by them, except through the bias dims, which start at zero anyway)."""
-        half = self.head_dim // 2
         q = self._grouped_query(query)
         q_re, q_im = self._pairs(q)
         self.query_energy_scale.copy_((q_re**2 + q_im**2).mean(dim=(0, 3)).clamp(min=1e-6))
@@ -364,7 +363,6 @@ class LayerSelector(nn.Module):
         bands = self.variance_weight.shape[-1]
         self.variance_gain.copy_(1.0 / rms[:, 2 * pairs : 2 * pairs + bands])
         self.bias_gain.copy_(1.0 / rms[:, 2 * pairs + bands :])
-        del half
 
 
 class SpotSelectors(nn.Module):
