@@ -52,6 +52,10 @@ std::tuple<at::Tensor, at::Tensor> decode_select(const at::Tensor& query, const 
     SPOT_CHECK_ARG(width <= select_blocks_cuda_max_key_blocks(), kOp, "keys",
                    "dim 2 (num_key_blocks) must be at most ", select_blocks_cuda_max_key_blocks(),
                    " on CUDA, got shape ", keys.sizes());
+    SPOT_CHECK_ARG(dim <= 1024, kOp, "query", "last dim (selector dim) must be at most 1024 on CUDA, got shape ",
+                   query.sizes());
+    SPOT_CHECK_ARG(batch <= 65535 && heads <= INT32_MAX, kOp, "query", "dim 0 (batch) must be at most 65535 on CUDA, got shape ",
+                   query.sizes());
 #endif
   } else {
     // Data-dependent check, CPU only: on CUDA it would need a host sync (and break graph

@@ -22,7 +22,7 @@ void run(const DecodeSelectParams& params) {
   const int dim = params.dim, width = params.num_key_blocks;
   const int64_t num_pairs = int64_t(params.batch) * params.heads;
   at::parallel_for(0, num_pairs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> keys, query(size_t(dim)), scores;
+    std::vector<float> keys, query(static_cast<size_t>(dim)), scores;
     SelectRowScratch scratch;
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t b = pair / params.heads;

@@ -45,7 +45,7 @@ void run(const SelectorScoreParams& params) {
   const int64_t chunks = (rows + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t num_tasks = int64_t(params.batch) * heads * chunks;
   at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> keys(size_t(width) * dim), keys_t(size_t(width) * dim), query(size_t(dim));
+    std::vector<float> keys(size_t(width) * dim), keys_t(size_t(width) * dim), query(static_cast<size_t>(dim));
     int64_t loaded_pair = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pair = task / chunks;  // b * heads + h
