@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -210,6 +211,7 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDec
   const int64_t slot_begin = int64_t(first_block) * block_size;
   const int64_t slot_end = int64_t(end_block) * block_size;
   const int num_tiles = int((slot_end - slot_begin + kTileTokens - 1) / kTileTokens);
+  const bool narrow_slots = slot_end <= INT32_MAX && length <= INT32_MAX;
 
   const T* key_cache = static_cast<const T*>(params.key_cache);
   const T* value_cache = static_cast<const T*>(params.value_cache);
@@ -221,12 +223,15 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDec
     int64_t key_offset = -1, value_offset = 0;
     const int64_t flat = slot_begin + int64_t(tile) * kTileTokens + thread;
     if (flat < slot_end) {
-      const int64_t position = flat / block_size;
+      // 32-bit division where the values allow it (always, in practice): the 64-bit one is a
+      // long software routine on the critical path of every tile.
+      const int64_t position = narrow_slots ? int64_t(uint32_t(flat) / uint32_t(block_size)) : flat / block_size;
       const int64_t block = __ldg(chosen + position);
       const int64_t token = block * block_size + (flat - position * block_size);
       if (block >= 0 && token < length) {
         if (params.page_size > 0) {
-          const int64_t page_slot = token / params.page_size;
+          const int64_t page_slot =
+              narrow_slots ? int64_t(uint32_t(token) / uint32_t(params.page_size)) : token / params.page_size;
           const int64_t page =
               __ldg(params.block_table + int64_t(batch_index) * params.pages_per_seq + page_slot);
           if (page >= 0 && page < params.num_pages) {
@@ -528,20 +533,32 @@ void prepare_kernel() {
                                       int(DecodeConfig<kHeadDim>::kSmemBytes)));
 }
 
+// Occupancy depends on the kernel and the architecture only: computed once per instantiation.
 template <typename T, int kHeadDim>
 int resident_ctas_per_sm() {
-  prepare_kernel<T, kHeadDim>();
-  int ctas = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &ctas, sparse_decode_kernel<T, kHeadDim>, kThreads, DecodeConfig<kHeadDim>::kSmemBytes));
-  return std::max(ctas, 1);
+  static const int ctas = [] {
+    prepare_kernel<T, kHeadDim>();
+    int resident = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &resident, sparse_decode_kernel<T, kHeadDim>, kThreads, DecodeConfig<kHeadDim>::kSmemBytes));
+    return std::max(resident, 1);
+  }();
+  return ctas;
 }
 
 int multiprocessor_count() {
-  int device = 0, count = 0;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> counts[kMaxDevices] = {};
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < kMaxDevices && counts[device].load(std::memory_order_relaxed) > 0) {
+    return counts[device].load(std::memory_order_relaxed);
+  }
+  int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return std::max(count, 1);
+  count = std::max(count, 1);
+  if (device < kMaxDevices) counts[device].store(count, std::memory_order_relaxed);
+  return count;
 }
 
 // Splits so that the grid covers the GPU about twice (a straggler wave costs less), never fewer
