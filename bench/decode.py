@@ -182,14 +182,16 @@ def run_config(shape_name, length, batch, budgets, timer, device, rows, log):
                      "method": method, "us": round(us, 2), "bytes": int(nbytes)})
         log(f"  {shape_name:9s} L={length:6d} B={batch:2d} budget={budget_tokens:6d} {method:18s} {us:9.1f} us")
 
-    def attempt(method, budget_tokens, fn, nbytes):
+    def attempt(method, budget_tokens, fn, nbytes) -> bool:
         try:
             add(method, budget_tokens, timer(fn), nbytes)
+            return True
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             log(f"  {method}: out of memory, skipped")
         except Exception as error:  # a missing kernel or backend: record and go on
             log(f"  {method}: skipped ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+        return False
 
     generator = torch.Generator(device=device).manual_seed(length + batch)
     # KV in the [B, Hkv, L, d] layout SDPA wants; spot reads the [B, L, Hkv, d] view of it.
@@ -259,8 +261,11 @@ def run_config(shape_name, length, batch, budgets, timer, device, rows, log):
         def spot_score():
             return sa.selector_score(selector_query[:, :, None], codes, num_visible, rank ** -0.5, key_scales, "int4")
 
-        attempt("spot_step", tokens, spot_step, attend_bytes + selector_bytes)
+        # Capture only what runs eagerly: a capture that fails half-way can leave the stream unusable.
+        step_runs = attempt("spot_step", tokens, spot_step, attend_bytes + selector_bytes)
         try:
+            if not step_runs:
+                raise RuntimeError("the eager step did not run")
             captured = step.capture(query, key_cache, value_cache, seq_lens, codes, key_scales, None, selector_query)
             attempt("spot_step_graph", tokens, captured.replay, attend_bytes + selector_bytes)
             del captured
