@@ -119,7 +119,7 @@ def test_gpu_graph_replay_equals_eager_decode_select_paged():
     gen = torch.Generator().manual_seed(7)
     batch, heads_q, heads_kv, dim, rank, max_len, page = 3, 32, 8, 128, 64, 4096, 16
     inputs = make_inputs(batch, heads_q, heads_kv, dim, rank, max_len, [4096, 1000, 70], torch.bfloat16, gen, "cuda")
-    codes, scales = sa.pack_kcache(inputs["selector_keys"].cpu(), "int4")
+    codes, scales = reference.pack_kcache(inputs["selector_keys"].cpu(), "int4")
     inputs["selector_keys"], key_scales = codes.cuda(), scales.cuda()
     pages_per_seq = max_len // page
     order = torch.randperm(batch * pages_per_seq, generator=gen)
