@@ -144,14 +144,20 @@ struct KeyTile {
   bool chosen_by[2];  // whether query blocks A and A + 1 attend this key block
 };
 
-struct ListWalker {
+// The two lists a CTA walks; kept in shared memory (read only when a bitmap is rebuilt) so the
+// main loop's registers go to the accumulators.
+struct ListSource {
   const int32_t* lists[2];  // block_indices rows of query blocks A and A + 1
   int counts[2];            // their clamped counts
   int query_blocks[2];      // A and A + 1 (the same block twice when the CTA spans one)
   int num_lists;            // 1 or 2
-  int last_block;           // the largest block the union can hold: the last diagonal
-  int chunk_base;           // first key block of the chunk the bitmaps hold
+};
+
+struct ListWalker {
+  const ListSource* source;
   uint32_t (*chosen)[kChunkWords];
+  int last_block;  // the largest block the union can hold: the last diagonal
+  int chunk_base;  // first key block of the chunk the bitmaps hold
 
   // Rebuild both bitmaps for key blocks [base, base + kChunkBlocks). Called by every thread.
   __device__ void fill(int base) {
@@ -161,10 +167,12 @@ struct ListWalker {
     __syncthreads();
 #pragma unroll
     for (int list = 0; list < 2; ++list) {
-      if (list >= num_lists) break;
-      const int diagonal = query_blocks[list];
-      for (int i = threadIdx.x; i < counts[list]; i += kThreads) {
-        const int block = __ldg(lists[list] + i);
+      if (list >= source->num_lists) break;
+      const int diagonal = source->query_blocks[list];
+      const int32_t* entries = source->lists[list];
+      const int count = source->counts[list];
+      for (int i = threadIdx.x; i < count; i += kThreads) {
+        const int block = __ldg(entries + i);
         const int relative = block - base;
         if (block >= 0 && block < diagonal && relative >= 0 && relative < kChunkBlocks) {
           atomicOr(&chosen[list][relative >> 5], 1u << (relative & 31));
@@ -282,36 +290,41 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_prefill_mma_kernel(const S
 
   // ---- Key/value tile loader ---------------------------------------------------------------
   const int tiles_per_block = block_size / kKeyTile;
+  const int load_row = threadIdx.x / kChunksPerRow;
+  const int load_chunk = threadIdx.x % kChunksPerRow;
+  const int64_t token_stride = int64_t(params.heads_kv) * kHeadDim;
+  const int64_t sequence_offset = (int64_t(seq_start) * params.heads_kv + kv_head) * kHeadDim + load_chunk * 8;
+  const scalar_t* key_sequence = key + sequence_offset;
+  const scalar_t* value_sequence = value + sequence_offset;
   auto load_key_value = [&](const KeyTile& tile, int stage) {
     const int tile_token = tile.block * block_size + tile.sub_tile * kKeyTile;
 #pragma unroll
     for (int pass = 0; pass < kKeyTile / kRowsPerPass; ++pass) {
-      const int row = pass * kRowsPerPass + threadIdx.x / kChunksPerRow;
-      const int chunk = threadIdx.x % kChunksPerRow;
+      const int row = pass * kRowsPerPass + load_row;
       const int token = tile_token + row;
-      const bool valid = token < length;
-      const int64_t offset =
-          valid ? ((int64_t(seq_start) + token) * params.heads_kv + kv_head) * kHeadDim + chunk * 8 : 0;
-      const int destination = swizzled_offset<kHeadDim>(row, chunk);
-      cp_async_16(shared_address(&shared.key[stage][destination]), key + offset, valid);
-      cp_async_16(shared_address(&shared.value[stage][destination]), value + offset, valid);
+      const bool valid = token < length;  // zeros past the sequence: never NaN * 0 in P V
+      const int64_t offset = valid ? token * token_stride : 0;
+      const int destination = swizzled_offset<kHeadDim>(row, load_chunk);
+      cp_async_16(shared_address(&shared.key[stage][destination]), key_sequence + offset, valid);
+      cp_async_16(shared_address(&shared.value[stage][destination]), value_sequence + offset, valid);
     }
   };
 
   // ---- Lists -> bitmaps --------------------------------------------------------------------
-  ListWalker walker;
-  walker.num_lists = block_b != block_a ? 2 : 1;
-  walker.query_blocks[0] = block_a;
-  walker.query_blocks[1] = block_b;
-  walker.last_block = block_b;
-  walker.chosen = shared.chosen;
+  __shared__ ListSource list_source;
+  if (threadIdx.x == 0) {
+    list_source.num_lists = block_b != block_a ? 2 : 1;
+    list_source.query_blocks[0] = block_a;
+    list_source.query_blocks[1] = block_b;
 #pragma unroll
-  for (int list = 0; list < 2; ++list) {
-    const int64_t row = (int64_t(batch_index) * params.heads_kv + kv_head) * params.num_query_blocks +
-                        walker.query_blocks[list];
-    walker.lists[list] = params.block_indices + row * params.max_selected;
-    walker.counts[list] = min(max(params.block_counts[row], 0), params.max_selected);
+    for (int list = 0; list < 2; ++list) {
+      const int64_t row = (int64_t(batch_index) * params.heads_kv + kv_head) * params.num_query_blocks +
+                          list_source.query_blocks[list];
+      list_source.lists[list] = params.block_indices + row * params.max_selected;
+      list_source.counts[list] = min(max(params.block_counts[row], 0), params.max_selected);
+    }
   }
+  ListWalker walker{&list_source, shared.chosen, block_b, 0};
   walker.fill(0);
   KeyTile current = walker.find(0);  // never -1: block A's diagonal is always in the union
 
