@@ -92,8 +92,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_prefill(const at::Tensor& query, const
                  "must be in [0, 2^30], got ", max_seqlen);
   check_positive(block_size, kOp, "block_size");
   if (on_cuda) {
-    SPOT_CHECK_ARG(block_size == 64, kOp, "block_size", "must be 64 on CUDA (the kernel's tile), got ",
-                   block_size);
+    SPOT_CHECK_ARG(block_size == 64 || block_size == 128, kOp, "block_size",
+                   "must be 64 or 128 on CUDA (multiples of the kernels' 64-key tile), got ", block_size);
   }
   SPOT_CHECK_ARG(std::isfinite(softmax_scale), kOp, "softmax_scale", "must be finite, got ", softmax_scale);
 
