@@ -300,9 +300,24 @@ def test_validation_errors(argument, mutate):
 gpu = pytest.mark.skipif(not spot_attention.cuda_available(), reason="needs CUDA and the CUDA build of spot_ops")
 
 
-@pytest.fixture(params=CUDA_IMPLS)
+@pytest.fixture(params=CUDA_IMPLS + ("auto",))
 def cuda_impl(request, monkeypatch):
-    monkeypatch.setenv("SPOT_PREFILL_IMPL", request.param)
+    """Each CUDA implementation forced, and the default choice (variable unset)."""
+    if request.param == "auto":
+        monkeypatch.delenv("SPOT_PREFILL_IMPL", raising=False)
+    else:
+        monkeypatch.setenv("SPOT_PREFILL_IMPL", request.param)
+    return request.param
+
+
+@pytest.fixture(params=["mma", "auto"])
+def mma_or_default(request, monkeypatch):
+    """Cases the Hopper kernel may decline (block_size 128): the mma kernel forced, and the
+    default choice, which must fall back to it."""
+    if request.param == "auto":
+        monkeypatch.delenv("SPOT_PREFILL_IMPL", raising=False)
+    else:
+        monkeypatch.setenv("SPOT_PREFILL_IMPL", request.param)
     return request.param
 
 
@@ -402,6 +417,93 @@ def test_gpu_implementations_agree_and_are_deterministic():
     torch.testing.assert_close(results["mma"][1], results["wgmma"][1], atol=2e-3, rtol=1e-4)
 
 
+def selection_for_block_size(lengths, heads_kv, density, block_size, seed=0, max_selected=None):
+    """random_selection's clean lists (sink + local + random, ascending) for any block size."""
+    generator = torch.Generator().manual_seed(seed + 2000)
+    nq = max((length + block_size - 1) // block_size for length in lengths)
+    width = max_selected if max_selected is not None else max(nq, 1)
+    indices = torch.full((len(lengths), heads_kv, nq, width), -1, dtype=torch.int32)
+    counts = torch.zeros((len(lengths), heads_kv, nq), dtype=torch.int32)
+    for b, length in enumerate(lengths):
+        for g in range(heads_kv):
+            for qb in range((length + block_size - 1) // block_size):
+                picks = [j for j in range(qb) if j == 0 or j == qb - 1 or torch.rand((), generator=generator) < density]
+                picks = picks[:width]
+                counts[b, g, qb] = len(picks)
+                if picks:
+                    indices[b, g, qb, : len(picks)] = torch.tensor(picks, dtype=torch.int32)
+    return indices, counts
+
+
+GPU_EXTRA_CASES = [
+    # (lengths, heads_q, heads_kv, head_dim, dtype, density, block_size): G = 1 puts two query
+    # blocks (two lists) in one CTA; G = 3 makes CTAs straddle query blocks; 128-token blocks.
+    ([1000, 77, 1, 640], 4, 4, 128, torch.float16, 0.3, 64),
+    ([1000, 77, 1, 640], 4, 4, 64, torch.bfloat16, 0.0, 64),
+    ([901, 64, 33], 6, 2, 64, torch.float16, 1.0, 64),
+    ([1100, 129, 5], 8, 8, 128, torch.bfloat16, 0.4, 128),
+    ([700, 1, 300], 9, 3, 64, torch.float16, 0.2, 128),
+    ([2500], 8, 1, 128, torch.bfloat16, 1.0, 128),
+    ([383, 1000], 24, 3, 128, torch.float16, 0.0, 128),
+]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("lengths,heads_q,heads_kv,head_dim,dtype,density,block_size", GPU_EXTRA_CASES)
+def test_gpu_block_sizes_and_groups_match_cpu(mma_or_default, lengths, heads_q, heads_kv, head_dim, dtype, density,
+                                             block_size):
+    query, key, value, cu = make_inputs(lengths, heads_q, heads_kv, head_dim, dtype, seed=sum(lengths) + block_size)
+    indices, counts = selection_for_block_size(lengths, heads_kv, density, block_size, seed=heads_q)
+    if density == 0.0:  # diagonal only: counts 0 over junk entries
+        indices = torch.randint(0, 5, indices.shape, dtype=torch.int32)
+        counts.zero_()
+    scale = head_dim**-0.5
+    expected_out, expected_lse = ops.sparse_prefill(query, key, value, cu, max(lengths), indices, counts, block_size,
+                                                    scale)
+    _poison_allocator(query.numel() * query.element_size() * 4)
+    out, lse = ops.sparse_prefill(query.cuda(), key.cuda(), value.cuda(), cu.cuda(), max(lengths), indices.cuda(),
+                                  counts.cuda(), block_size, scale)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out.cpu(), expected_out, **KERNEL_TOLERANCE[dtype])
+    torch.testing.assert_close(lse.cpu(), expected_lse, atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_lists_longer_than_one_bitmap_chunk(mma_or_default):
+    """Past 2048 key blocks the kernel rebuilds its bitmaps chunk by chunk: lists whose entries
+    sit on both sides of the boundary, shuffled, with duplicates, and a tiny max_selected."""
+    length, heads_q, heads_kv, head_dim = 2048 * BLOCK + 200, 2, 1, 64
+    query, key, value, cu = make_inputs([length], heads_q, heads_kv, head_dim, torch.bfloat16, seed=41)
+    nq = num_blocks(length)
+    generator = torch.Generator().manual_seed(43)
+    indices = torch.randint(0, nq, (1, heads_kv, nq, 5), generator=generator, dtype=torch.int32)
+    indices[..., 0] = 0
+    indices[..., 1] = torch.clamp(torch.arange(nq, dtype=torch.int32) - 1, min=0)
+    indices[..., 4] = indices[..., 2]  # duplicate
+    counts = torch.full((1, heads_kv, nq), 5, dtype=torch.int32)
+    expected_out, expected_lse = run_op(query, key, value, cu, length, indices, counts)
+    out, lse = run_op(query.cuda(), key.cuda(), value.cuda(), cu.cuda(), length, indices, counts)
+    torch.testing.assert_close(out.cpu(), expected_out, **KERNEL_TOLERANCE[torch.bfloat16])
+    torch.testing.assert_close(lse.cpu(), expected_lse, atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_counts_out_of_range_and_negative_scale(mma_or_default):
+    lengths, heads_kv = [700, 260], 2
+    query, key, value, cu = make_inputs(lengths, 6, heads_kv, 128, torch.float16, seed=47)
+    indices, counts = random_selection(lengths, heads_kv, 1.0, seed=3, max_selected=6)
+    counts[0, 0] = -3
+    counts[1, 1] = 100
+    expected_out, expected_lse = run_op(query, key, value, cu, 700, indices, counts, scale=-0.07)
+    out, lse = run_op(query.cuda(), key.cuda(), value.cuda(), cu.cuda(), 700, indices, counts, scale=-0.07)
+    torch.testing.assert_close(out.cpu(), expected_out, **KERNEL_TOLERANCE[torch.float16])
+    torch.testing.assert_close(lse.cpu(), expected_lse, atol=2e-3, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @gpu
 def test_gpu_unknown_impl_is_rejected(monkeypatch):
@@ -418,6 +520,7 @@ def test_gpu_unknown_impl_is_rejected(monkeypatch):
                                  value=a["value"][..., :32].contiguous())),
     ("block_size", lambda a: a.update(block_size=32, block_indices=a["block_indices"].repeat(1, 1, 2, 1),
                                       block_counts=a["block_counts"].repeat(1, 1, 2))),
+    ("block_size", lambda a: a.update(block_size=256)),
     ("key", lambda a: a.update(key=a["key"].cpu())),
     ("block_counts", lambda a: a.update(block_counts=a["block_counts"].cpu())),
 ])
