@@ -13,6 +13,7 @@
 // Lists are read as sets (any order, duplicates, entries outside [0, query block) ignored) by
 // turning them into bitmaps in shared memory, a chunk of kChunkBlocks key blocks at a time, so a
 // list of any length costs one pass over it per chunk and no sort.
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <stdexcept>
@@ -548,7 +549,15 @@ void launch_sparse_prefill_mma(const SparsePrefillParams& params) {
     }
     const size_t shared_bytes = sizeof(SharedStorage<scalar_t, kHeadDim>);
     auto kernel = sparse_prefill_mma_kernel<scalar_t, kHeadDim>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
+    // The attribute is per device; set it once for each device this instantiation meets.
+    static std::atomic<uint64_t> configured_devices{0};
+    int device = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    const uint64_t device_bit = device < 64 ? uint64_t(1) << device : 0;
+    if (device_bit == 0 || !(configured_devices.load(std::memory_order_relaxed) & device_bit)) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
+      configured_devices.fetch_or(device_bit, std::memory_order_relaxed);
+    }
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     kernel<<<unsigned(num_ctas), kThreads, shared_bytes, stream>>>(params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
