@@ -66,7 +66,7 @@ def _attention_unsupported(name: str, query: torch.Tensor, head_dim: int, block_
     if name == "sparse_prefill":
         if on_cuda and head_dim not in (64, 128):
             return f"head_dim {head_dim}"
-        if on_cuda and block_size != 64:
+        if on_cuda and block_size not in (64, 128):
             return f"block_size {block_size}"
     elif head_dim not in (64, 128, 256):
         return f"head_dim {head_dim}"
