@@ -412,25 +412,35 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_prefill_mma_kernel(const S
         }
       }
 
-      // Online softmax in log2 units. Causal mask only where the tile reaches the warp's rows:
-      // the tile starts at or before warp_token, both are multiples of 32.
-      const bool needs_mask = warp_token - tile_token < kKeyTile;
+      // Online softmax in log2 units. The causal mask only applies where the tile reaches the
+      // warp's rows (the tile starts at or before warp_token; both are multiples of 32). Scaling
+      // before the max keeps a negative softmax_scale right.
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) scores[m][n][i] *= scale_log2;
       const int row_offset = warp_token - tile_token;  // key index (in tile) of the warp's row 0
+      if (row_offset < kKeyTile) {
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+          for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int row_in_tile = row_offset + 16 * m + group_row + 8 * (i / 2);
+              if (8 * n + 2 * pair + (i % 2) > row_in_tile) scores[m][n][i] = -INFINITY;
+            }
+      }
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int row_in_tile = row_offset + 16 * m + group_row + 8 * h;
           float tile_max = -INFINITY;
 #pragma unroll
           for (int n = 0; n < kKeyTiles; ++n) {
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-              float logit = scores[m][n][2 * h + j] * scale_log2;
-              if (needs_mask && 8 * n + 2 * pair + j > row_in_tile) logit = -INFINITY;
-              scores[m][n][2 * h + j] = logit;
-              tile_max = fmaxf(tile_max, logit);
-            }
+            tile_max = fmaxf(tile_max, fmaxf(scores[m][n][2 * h], scores[m][n][2 * h + 1]));
           }
           tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
           tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
