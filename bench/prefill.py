@@ -26,6 +26,7 @@ Writes bench/results/prefill_h100.{json,md,png}:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -111,13 +112,30 @@ def visited_pairs(visited_blocks: torch.Tensor, length: int) -> float:
     return float(earlier) * BLOCK * BLOCK + float(diagonal) * BLOCK * (BLOCK + 1) / 2
 
 
+@contextlib.contextmanager
+def prefill_impl(impl: str):
+    """SPOT_PREFILL_IMPL for the duration: "auto" unsets it (the launcher's own choice)."""
+    previous = os.environ.get("SPOT_PREFILL_IMPL")
+    if impl == "auto":
+        os.environ.pop("SPOT_PREFILL_IMPL", None)
+    else:
+        os.environ["SPOT_PREFILL_IMPL"] = impl
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("SPOT_PREFILL_IMPL", None)
+        else:
+            os.environ["SPOT_PREFILL_IMPL"] = previous
+
+
 def error_row(shape, length, density, method, error: BaseException) -> dict:
     message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
     print(f"  {method} failed: {message}", flush=True)
     return dict(shape=shape, L=length, density=density, method=method, us=None, tflops=None, error=message)
 
 
-def bench_shape(name: str, length: int, budget_s: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def bench_shape(name: str, length: int, budget_s: float, impls=("auto",), seed: int = 0) -> tuple[list[dict], list[dict]]:
     heads_q, heads_kv, head_dim = SHAPES[name]
     group = heads_q // heads_kv
     shape = f"{name} ({heads_q}/{heads_kv} heads, d={head_dim})"
@@ -207,10 +225,15 @@ def bench_shape(name: str, length: int, budget_s: float, seed: int = 0) -> tuple
             continue
         pairs = visited_pairs(visited, length) * group
         actual_density = pairs / dense_pairs
-        us = record("sparse_prefill", density,
-                    lambda: ops.sparse_prefill(query, key, value, cu_seqlens, length, indices, counts, BLOCK, scale),
-                    4.0 * head_dim * pairs, visited_fraction=round(actual_density, 4))
-        if us is not None:
+        for impl in impls:
+            method = "sparse_prefill" if impl == "auto" else f"sparse_prefill [{impl}]"
+            with prefill_impl(impl):
+                us = record(method, density,
+                            lambda: ops.sparse_prefill(query, key, value, cu_seqlens, length, indices, counts, BLOCK,
+                                                       scale),
+                            4.0 * head_dim * pairs, visited_fraction=round(actual_density, 4))
+            if us is None:
+                continue
             row = rows[-1]
             if flash_us:
                 row["speedup_vs_sdpa_flash"] = round(flash_us / us, 2)
@@ -267,7 +290,7 @@ def plot(result: dict, path: str) -> None:
     for axis, shape in zip(axes[0], shapes):
         for length in sorted({row["L"] for row in result["rows"] if row["shape"] == shape}):
             sparse = [row for row in result["rows"] if row["shape"] == shape and row["L"] == length
-                      and row["method"] == "sparse_prefill" and row.get("speedup_vs_sdpa_flash") is not None]
+                      and row["method"] == "sparse_prefill" and row.get("speedup_vs_sdpa_flash") is not None]  # default impl
             if not sparse:
                 continue
             densities = [row["density"] for row in sparse]
@@ -295,6 +318,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--impls", nargs="+", default=["auto", "mma"], choices=["auto", "mma", "wgmma"],
+                        help="sparse_prefill implementations to time (auto: the launcher's choice)")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per measurement")
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "prefill_h100.json"))
     args = parser.parse_args()
@@ -307,7 +332,7 @@ def main() -> None:
         for name in args.shapes:
             print(f"{name} L={length}", flush=True)
             try:
-                shape_rows, shape_checks = bench_shape(name, length, args.budget)
+                shape_rows, shape_checks = bench_shape(name, length, args.budget, tuple(args.impls))
             except Exception as error:  # noqa: BLE001 - e.g. out of memory: keep the other shapes
                 traceback.print_exc()
                 shape_rows, shape_checks = [error_row(name, length, None, "all", error)], []
@@ -319,7 +344,6 @@ def main() -> None:
         device=torch.cuda.get_device_name(),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         commit=git_commit(),
-        prefill_impl=os.environ.get("SPOT_PREFILL_IMPL", "auto"),
         rows=rows,
         checks=checks,
     )
