@@ -354,8 +354,8 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_prefill_mma_kernel(const S
       row_sum[m][h] = 0.f;
     }
 
-  // ldmatrix lane addresses (byte offsets before the chunk index): each lane names one row of
-  // one 8x8 matrix; every swizzle below XORs with (row % 8) == lane % 8.
+  // ldmatrix: each lane names one row (and which 8-column half) of one of the four 8x8 matrices;
+  // every row it names has row % 8 == lane % 8, so the swizzle XOR is lane % 8 throughout.
   const int swizzle_bits = lane & 7;
   const uint32_t query_base = shared_address(shared.query);
   const int query_row = warp * kRowsPerWarp + (lane & 15);  // + 16 * m tile
@@ -376,7 +376,8 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_prefill_mma_kernel(const S
     }
 
     const int tile_token = current.block * block_size + current.sub_tile * kKeyTile;
-    const bool attends = warp_has_rows && (warp_list == 0 ? current.chosen_by[0] : current.chosen_by[1]) && tile_token <= warp_token;
+    const bool chosen_by_warp = warp_list == 0 ? current.chosen_by[0] : current.chosen_by[1];
+    const bool attends = warp_has_rows && chosen_by_warp && tile_token <= warp_token;
     if (attends) {
       const uint32_t key_base = shared_address(shared.key[stage]);
       const uint32_t value_base = shared_address(shared.value[stage]);

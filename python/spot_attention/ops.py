@@ -129,7 +129,9 @@ def sparse_prefill(
     """Causal block-sparse prefill over packed sequences. query [T, Hq, d]; key, value
     [T, Hkv, d]; cu_seqlens int32 [B + 1]; block_indices int32 [B, Hkv, NQ, K]; block_counts int32
     [B, Hkv, NQ] (NQ >= ceil(max_seqlen / block_size)); the diagonal block is always attended.
-    Returns (out [T, Hq, d], lse float32 [T, Hq])."""
+    Returns (out [T, Hq, d], lse float32 [T, Hq]). On CUDA: fp16/bf16, head dim 64 or 128,
+    block_size 64 or 128; ``SPOT_PREFILL_IMPL=mma`` or ``wgmma`` forces the portable or the Hopper
+    kernel (unset: Hopper where it supports the call, else mma)."""
     if softmax_scale is None:
         softmax_scale = query.shape[-1] ** -0.5
     return torch.ops.spot.sparse_prefill(
