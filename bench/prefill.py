@@ -31,16 +31,20 @@ import datetime
 import json
 import os
 import subprocess
+import sys
 import time
 import traceback
 
 import torch
 import torch.nn.functional as F
 
-import spot_attention
-from spot_attention import ops
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+try:
+    import spot_attention
+except ImportError:  # an in-place build that is not installed
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    import spot_attention
+from spot_attention import ops
 BLOCK = 64
 SELECTOR_DIM = 64
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
@@ -198,8 +202,10 @@ def bench_shape(name: str, length: int, budget_s: float, impls=("auto",), seed: 
 
     # ---- Selection cost: selector_score + select_blocks on pooled blocks --------------------
     selection_us = None
-    pooled_query = torch.randn(1, heads_kv, num_blocks, SELECTOR_DIM, device="cuda", generator=generator)
-    pooled_keys = torch.randn(1, heads_kv, num_blocks, SELECTOR_DIM, device="cuda", generator=generator)
+    pooled_query = torch.randn(1, heads_kv, num_blocks, SELECTOR_DIM, device="cuda", generator=generator,
+                               dtype=torch.bfloat16)
+    pooled_keys = torch.randn(1, heads_kv, num_blocks, SELECTOR_DIM, device="cuda", generator=generator,
+                              dtype=torch.bfloat16)
     num_visible = torch.arange(1, num_blocks + 1, dtype=torch.int32, device="cuda")[None].contiguous()
 
     def selection():
@@ -320,6 +326,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--impls", nargs="+", default=["auto", "mma"], choices=["auto", "mma", "wgmma"],
                         help="sparse_prefill implementations to time (auto: the launcher's choice)")
+    parser.add_argument("--time-limit", type=float, default=230.0, help="seconds; later configurations are skipped")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per measurement")
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "prefill_h100.json"))
     args = parser.parse_args()
@@ -330,6 +337,11 @@ def main() -> None:
     rows, checks = [], []
     for length in args.lengths:
         for name in args.shapes:
+            if time.perf_counter() - started > args.time_limit:
+                print(f"{name} L={length}: skipped (past --time-limit)", flush=True)
+                rows.append(dict(shape=name, L=length, density=None, method="all", us=None, tflops=None,
+                                 error="skipped: past --time-limit"))
+                continue
             print(f"{name} L={length}", flush=True)
             try:
                 shape_rows, shape_checks = bench_shape(name, length, args.budget, tuple(args.impls))
