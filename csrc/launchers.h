@@ -22,6 +22,9 @@ void select_blocks_cuda(const SelectBlocksParams& params);
 int sparse_decode_num_splits(const SparseDecodeParams& params);
 void sparse_decode_cuda(const SparseDecodeParams& params);
 void sparse_prefill_cuda(const SparsePrefillParams& params);
+// Hopper wgmma/TMA prefill: supported() is true only for inputs and devices it handles.
+bool sparse_prefill_sm90_supported(const SparsePrefillParams& params);
+void sparse_prefill_sm90_cuda(const SparsePrefillParams& params);
 void block_mass_cuda(const BlockMassParams& params);
 void pack_kcache_cuda(const KCachePackParams& params);
 void unpack_kcache_cuda(const KCachePackParams& params);
