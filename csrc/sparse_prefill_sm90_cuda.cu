@@ -20,6 +20,7 @@
 // Rows past the sequence's end are loaded (they belong to the next sequence, or are zero-filled
 // by TMA past total_tokens) but never written out, and inside the diagonal block the causal
 // mask hides every key past a valid query row, so they never reach a valid row's softmax.
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <type_traits>
@@ -192,19 +193,24 @@ __device__ __forceinline__ auto accumulator_as_operand_a(Layout layout) {
                      get<1>(layout), coalesce(make_layout(get<2>(layout), get<0, 1>(column_pairs))));
 }
 
+// Owning 16-bit copy of an fp32 register fragment, same layout.
 template <typename To, typename Engine, typename Layout>
 __device__ __forceinline__ auto convert_fragment(Tensor<Engine, Layout> const& tensor) {
   using From = typename Engine::value_type;
   constexpr int kSize = decltype(size(tensor))::value;
+  Tensor converted = make_tensor<To>(tensor.layout());
   cutlass::NumericArrayConverter<To, From, kSize> convert;
-  auto converted = convert(*reinterpret_cast<cutlass::Array<From, kSize> const*>(tensor.data()));
-  return make_tensor(make_rmem_ptr<To>(&converted), tensor.layout());
+  *reinterpret_cast<cutlass::Array<To, kSize>*>(converted.data()) =
+      convert(*reinterpret_cast<cutlass::Array<From, kSize> const*>(tensor.data()));
+  return converted;
 }
 
-// One warpgroup-wide wgmma over the whole K extent of the operands, waited for.
+// Issues one warpgroup-wide wgmma batch over the whole K extent of the operands and commits it.
+// The caller waits (warpgroup_wait<N>) and then fences the accumulator before reading it;
+// until then neither the accumulator nor a register A operand may be touched.
 template <bool kZeroInit, typename TiledMma, typename TensorA, typename TensorB, typename TensorC>
-__device__ __forceinline__ void warpgroup_gemm(TiledMma& tiled_mma, TensorA const& a, TensorB const& b,
-                                               TensorC& c) {
+__device__ __forceinline__ void warpgroup_gemm_issue(TiledMma& tiled_mma, TensorA const& a, TensorB const& b,
+                                                     TensorC& c) {
   constexpr bool kAInRegisters =
       !cute::is_base_of<cute::GMMA::DescriptorIterator, typename TiledMma::FrgTypeA>::value;
   if constexpr (kAInRegisters) warpgroup_fence_operand(const_cast<TensorA&>(a));
@@ -217,9 +223,44 @@ __device__ __forceinline__ void warpgroup_gemm(TiledMma& tiled_mma, TensorA cons
     tiled_mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(c);
-  if constexpr (kAInRegisters) warpgroup_fence_operand(const_cast<TensorA&>(a));
+}
+
+// Scales a block of logits into the base-2 domain, applies the causal mask on the diagonal
+// block, and folds it into the running softmax: scores become unnormalised probabilities,
+// row_max / row_sum are updated, and rescale[r] is what the output rows must be multiplied by.
+// A row's max is finite from its first block on: every block it sees holds at least one
+// visible key (all of a listed block; key 0 of the diagonal), so no exp2(-inf - -inf).
+template <int kRows, int kCols, typename Scores, typename Coords>
+__device__ __forceinline__ void online_softmax(Scores& scores, Coords const& coords, float scale_log2,
+                                               bool diagonal, int row_offset, float (&row_max)[kRows],
+                                               float (&row_sum)[kRows], float (&rescale)[kRows]) {
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    // Scale first, then mask: any finite scale (zero or negative too) keeps masked logits -inf.
+    const int row = row_offset + int(get<0>(coords(r, 0)));
+    CUTE_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      const float logit = scores(r, c) * scale_log2;
+      scores(r, c) = (diagonal && int(get<1>(coords(r, c))) > row) ? -INFINITY : logit;
+    }
+    float block_max = scores(r, 0);
+    CUTE_UNROLL
+    for (int c = 1; c < kCols; ++c) block_max = fmaxf(block_max, scores(r, c));
+    // The four threads of a quad hold one row's columns.
+    block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
+    block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
+    const float new_max = fmaxf(row_max[r], block_max);
+    rescale[r] = exp2f(row_max[r] - new_max);  // 0 on the first block (old max -inf)
+    row_max[r] = new_max;
+    float sum = 0.f;
+    CUTE_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      const float p = exp2f(scores(r, c) - new_max);
+      scores(r, c) = p;
+      sum += p;
+    }
+    row_sum[r] = row_sum[r] * rescale[r] + sum;
+  }
 }
 
 template <typename Traits>
@@ -400,59 +441,49 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   cutlass::arch::ClusterTransactionBarrier::wait(&storage.barrier_q, 0);
 
-  for (int step = 0; step < num_key_blocks; ++step) {
+  // Software pipeline inside the warpgroup: while the softmax of key block n runs on the CUDA
+  // cores, the tensor cores compute P(n-1) V(n-1); S(n) = Q K(n) is issued just before.
+  float rescale[kRows];
+  pipeline_k.consumer_wait(read_state);
+  warpgroup_gemm_issue</*kZeroInit=*/true>(tiled_mma_s, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tSrS);
+  pipeline_k.consumer_release(read_state);
+  online_softmax<kRows, kScoreCols>(scores, score_coords, scale_log2, num_key_blocks == 1, row_offset,
+                                    row_max, row_sum, rescale);
+  Tensor probabilities = convert_fragment<Element>(tSrS);
+  Tensor tOrP = make_tensor(probabilities.data(), accumulator_as_operand_a(tSrS.layout()));
+  PipelineState value_state = read_state;  // V stage of the block whose P is in registers
+  ++read_state;
+
+  for (int step = 1; step < num_key_blocks; ++step) {
     pipeline_k.consumer_wait(read_state);
-    warpgroup_gemm</*kZeroInit=*/true>(tiled_mma_s, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
+    warpgroup_gemm_issue</*kZeroInit=*/true>(tiled_mma_s, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
+    pipeline_v.consumer_wait(value_state);
+    warpgroup_gemm_issue</*kZeroInit=*/false>(tiled_mma_o, tOrP, tOrV(_, _, _, value_state.index()), tOrO);
+    warpgroup_wait<1>();  // S(n) done; P(n-1) V(n-1) may still run
+    warpgroup_fence_operand(tSrS);
     pipeline_k.consumer_release(read_state);
-
-    // Scale first, then mask: any finite scale (zero or negative too) keeps masked logits at -inf.
-    const bool diagonal = step == num_key_blocks - 1;
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      const int row = row_offset + int(get<0>(score_coords(r, 0)));
-      CUTE_UNROLL
-      for (int c = 0; c < kScoreCols; ++c) {
-        const float logit = scores(r, c) * scale_log2;
-        scores(r, c) = (diagonal && int(get<1>(score_coords(r, c))) > row) ? -INFINITY : logit;
-      }
-    }
-
-    // Online softmax. A row's max is finite from its first block on: every block it sees holds
-    // at least one visible key (all of a listed block; key 0 of the diagonal).
-    float rescale[kRows];
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      float block_max = scores(r, 0);
-      CUTE_UNROLL
-      for (int c = 1; c < kScoreCols; ++c) block_max = fmaxf(block_max, scores(r, c));
-      // The four threads of a quad hold one row's columns.
-      block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
-      block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
-      const float new_max = fmaxf(row_max[r], block_max);
-      rescale[r] = exp2f(row_max[r] - new_max);  // 0 on the first block (old max -inf)
-      row_max[r] = new_max;
-      float sum = 0.f;
-      CUTE_UNROLL
-      for (int c = 0; c < kScoreCols; ++c) {
-        const float p = exp2f(scores(r, c) - new_max);
-        scores(r, c) = p;
-        sum += p;
-      }
-      row_sum[r] = row_sum[r] * rescale[r] + sum;
-    }
+    online_softmax<kRows, kScoreCols>(scores, score_coords, scale_log2, step == num_key_blocks - 1, row_offset,
+                                      row_max, row_sum, rescale);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+    pipeline_v.consumer_release(value_state);
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       CUTE_UNROLL
       for (int c = 0; c < kOutputCols; ++c) output(r, c) *= rescale[r];
     }
-
-    Tensor probabilities = convert_fragment<Element>(tSrS);
-    Tensor tOrP = make_tensor(probabilities.data(), accumulator_as_operand_a(tSrS.layout()));
-    pipeline_v.consumer_wait(read_state);
-    warpgroup_gemm</*kZeroInit=*/false>(tiled_mma_o, tOrP, tOrV(_, _, _, read_state.index()), tOrO);
-    pipeline_v.consumer_release(read_state);
+    // P(n) replaces P(n-1) only now that the P V wgmma reading it has finished.
+    probabilities = convert_fragment<Element>(tSrS);
+    value_state = read_state;
     ++read_state;
   }
+  pipeline_v.consumer_wait(value_state);
+  warpgroup_gemm_issue</*kZeroInit=*/false>(tiled_mma_o, tOrP, tOrV(_, _, _, value_state.index()), tOrO);
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tOrO);
+  pipeline_v.consumer_release(value_state);
 
   // Epilogue: normalise, write rows inside the sequence. Every valid row saw its own token, so
   // its sum is positive and its lse finite.
@@ -551,14 +582,9 @@ void dispatch_shape(const SparsePrefillParams& params) {
 
 bool is_aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
 
-// Whether this binary holds sm_90a code for the kernel (a build for other targets runs the
-// portable kernel instead) and the current device is an sm_90 one.
-bool device_and_binary_are_sm90() {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
+// Whether `device` is an sm_90 one and this binary holds sm_90a code for the kernel (a build for
+// other targets runs the portable kernel instead).
+bool device_and_binary_are_sm90(int device) {
   int major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
@@ -594,8 +620,20 @@ bool sparse_prefill_sm90_supported(const SparsePrefillParams& params) {
       !sm90_prefill::is_aligned16(params.value) || !sm90_prefill::is_aligned16(params.out)) {
     return false;
   }
-  static const bool sm90 = sm90_prefill::device_and_binary_are_sm90();
-  return sm90;
+  // Answers cached per device: 0 unknown, 1 no, 2 yes (benign race: every writer agrees).
+  static std::atomic<int8_t> device_is_sm90[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (device < 0 || device >= 64) return sm90_prefill::device_and_binary_are_sm90(device);
+  int8_t known = device_is_sm90[device].load(std::memory_order_relaxed);
+  if (known == 0) {
+    known = sm90_prefill::device_and_binary_are_sm90(device) ? 2 : 1;
+    device_is_sm90[device].store(known, std::memory_order_relaxed);
+  }
+  return known == 2;
 }
 
 void sparse_prefill_sm90_cuda(const SparsePrefillParams& params) {
