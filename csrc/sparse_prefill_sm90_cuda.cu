@@ -66,31 +66,39 @@ struct KernelTraits {
   // query heads per CTA tile.
   static constexpr int kWarpgroupsPerHead = kBlockSize / kRowsPerWarpgroup;
   static constexpr int kHeadsPerTile = 2 / kWarpgroupsPerHead;
-  // Two stages when a K tile is 32 KB (so Q + K + V fit in 160 KB), four otherwise.
-  static constexpr int kStages = kBlockSize * kHeadDim * int(sizeof(Element)) >= 32768 ? 2 : 4;
+  // Keys per pipeline stage and per S = Q K^T wgmma: two 64-token key blocks share a stage, so
+  // the wgmma is 64 x 128 for either block size (a 64-wide one is bound by shared-memory reads
+  // of its operands, and each stage costs barrier round trips and a softmax pass).
+  static constexpr int kKeysPerStage = 128;
+  static constexpr int kBlocksPerStage = kKeysPerStage / kBlockSize;
+  static_assert(kBlocksPerStage == 1 || kBlocksPerStage == 2, "the producer fills at most two slots");
+  // Two stages when a K stage is 32 KB (so Q + K + V fit in 160 KB), four otherwise.
+  static constexpr int kStages = kKeysPerStage * kHeadDim * int(sizeof(Element)) >= 32768 ? 2 : 4;
 
   using TileQ = Shape<Int<kRowsPerWarpgroup>, Int<kHeadDim>>;
-  using TileKV = Shape<Int<kBlockSize>, Int<kHeadDim>>;
+  using TileKVBlock = Shape<Int<kBlockSize>, Int<kHeadDim>>;  // one key block, one TMA load
 
   // 128-byte swizzled, head dim contiguous (K-major for both GEMMs' Q and K operands).
   using SmemAtom = GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutQ =  // (row, dim, warpgroup)
       decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRowsPerWarpgroup>, Int<kHeadDim>, _2>{}));
   using SmemLayoutKV =  // (key, dim, stage)
-      decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockSize>, Int<kHeadDim>, Int<kStages>>{}));
+      decltype(tile_to_shape(SmemAtom{}, Shape<Int<kKeysPerStage>, Int<kHeadDim>, Int<kStages>>{}));
+  // One key block's slice of a stage, as a TMA box sees it: 64 x 64 boxes, each 8 KB contiguous.
+  using SmemLayoutKVBlock = decltype(tile_to_shape(SmemAtom{}, TileKVBlock{}));
   // V read as the B operand of O = P V: (dim, key, stage), dim contiguous (MN-major).
   using SmemLayoutVt = decltype(composition(
       SmemLayoutKV{},
-      make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockSize>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+      make_ordered_layout(Shape<Int<kHeadDim>, Int<kKeysPerStage>, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
-  // Per-warpgroup MMAs (128 threads each): S[64, block] = Q K^T and O[64, dim] += P V.
+  // Per-warpgroup MMAs (128 threads each): S[64, 128] = Q K^T and O[64, dim] += P V.
   using TiledMmaS = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float,
-                           Shape<Int<kRowsPerWarpgroup>, Int<kBlockSize>, Int<kHeadDim>>>(),
+                           Shape<Int<kRowsPerWarpgroup>, Int<kKeysPerStage>, Int<kHeadDim>>>(),
       Layout<Shape<_1, _1, _1>>{}));
   using TiledMmaO = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float,
-                           Shape<Int<kRowsPerWarpgroup>, Int<kHeadDim>, Int<kBlockSize>>,
+                           Shape<Int<kRowsPerWarpgroup>, Int<kHeadDim>, Int<kKeysPerStage>>,
                            GMMA::Major::K, GMMA::Major::MN>(),
       Layout<Shape<_1, _1, _1>>{}));
 
@@ -105,10 +113,10 @@ struct KernelTraits {
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{},
                                       take<0, 2>(SmemLayoutQ{}), TileQ{}, _1{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{},
-                                       take<0, 2>(SmemLayoutKV{}), TileKV{}, _1{}));
+                                       SmemLayoutKVBlock{}, TileKVBlock{}, _1{}));
 
   static constexpr uint32_t kQTileBytes = kRowsPerWarpgroup * kHeadDim * sizeof(Element);
-  static constexpr uint32_t kKVTileBytes = kBlockSize * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kKVStageBytes = kKeysPerStage * kHeadDim * sizeof(Element);
 
   struct SharedStorage {
     // 1024-byte alignment: the 128-byte swizzle pattern repeats every 8 rows of 128 bytes,
@@ -225,23 +233,24 @@ __device__ __forceinline__ void warpgroup_gemm_issue(TiledMma& tiled_mma, Tensor
   warpgroup_commit_batch();
 }
 
-// Scales a block of logits into the base-2 domain, applies the causal mask on the diagonal
-// block, and folds it into the running softmax: scores become unnormalised probabilities,
-// row_max / row_sum are updated, and rescale[r] is what the output rows must be multiplied by.
-// A row's max is finite from its first block on: every block it sees holds at least one
-// visible key (all of a listed block; key 0 of the diagonal), so no exp2(-inf - -inf).
+// Scales a stage of logits into the base-2 domain, masks the last stage (column c is visible to
+// a warpgroup row r when c <= r + diagonal_column), and folds it into the running softmax:
+// scores become unnormalised probabilities, row_max / row_sum are updated, and rescale[r] is
+// what the output rows must be multiplied by. A row's max is finite from its first stage on:
+// every stage holds at least one key it sees (slot 0 is a listed block, all visible, or the
+// diagonal, whose key 0 is), so no exp2(-inf - -inf).
 template <int kRows, int kCols, typename Scores, typename Coords>
 __device__ __forceinline__ void online_softmax(Scores& scores, Coords const& coords, float scale_log2,
-                                               bool diagonal, int row_offset, float (&row_max)[kRows],
+                                               bool last_stage, int diagonal_column, float (&row_max)[kRows],
                                                float (&row_sum)[kRows], float (&rescale)[kRows]) {
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     // Scale first, then mask: any finite scale (zero or negative too) keeps masked logits -inf.
-    const int row = row_offset + int(get<0>(coords(r, 0)));
+    const int limit = diagonal_column + int(get<0>(coords(r, 0)));
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
       const float logit = scores(r, c) * scale_log2;
-      scores(r, c) = (diagonal && int(get<1>(coords(r, c))) > row) ? -INFINITY : logit;
+      scores(r, c) = (last_stage && int(get<1>(coords(r, c))) > limit) ? -INFINITY : logit;
     }
     float block_max = scores(r, 0);
     CUTE_UNROLL
@@ -313,7 +322,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int lane = int(threadIdx.x) % 32;
 
   typename Pipeline::Params pipeline_params;
-  pipeline_params.transaction_bytes = Traits::kKVTileBytes;
+  pipeline_params.transaction_bytes = Traits::kKVStageBytes;
   pipeline_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer
                                          : Pipeline::ThreadCategory::Consumer;
   pipeline_params.is_leader = threadIdx.x == 0;
@@ -359,27 +368,50 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // (block, dim, key_block) over this sequence's rows of this KV head.
     Tensor gK = local_tile(domain_offset(make_coord(seq_start, _0{}), mK(_, _, kv_head)),
-                           typename Traits::TileKV{}, make_coord(_, _0{}));
+                           typename Traits::TileKVBlock{}, make_coord(_, _0{}));
     Tensor gV = local_tile(domain_offset(make_coord(seq_start, _0{}), mV(_, _, kv_head)),
-                           typename Traits::TileKV{}, make_coord(_, _0{}));
-    auto [tKgK, tKsK] = tma_partition(params.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
-                                      group_modes<0, 2>(gK));  // (TMA, key_block), (TMA, stage)
-    auto [tVgV, tVsV] = tma_partition(params.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                           typename Traits::TileKVBlock{}, make_coord(_, _0{}));
+    // (block, dim, slot, 1, stage): the key-block slots of each stage.
+    Tensor sK_slots = flat_divide(sK, typename Traits::TileKVBlock{});
+    Tensor sV_slots = flat_divide(sV, typename Traits::TileKVBlock{});
+    auto [tKgK, tKsK] = tma_partition(params.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK_slots),
+                                      group_modes<0, 2>(gK));  // (TMA, key_block), (TMA, slot, 1, stage)
+    auto [tVgV, tVsV] = tma_partition(params.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV_slots),
                                       group_modes<0, 2>(gV));
     PipelineState write_state = cutlass::make_producer_start_state<Pipeline>();
-    auto load_key_block = [&](int key_block) {
+    // Stages hold kBlocksPerStage key blocks. A last stage with a free slot repeats its block
+    // there (the consumers mask it out), so every stage carries the same transaction bytes.
+    auto load_stage = [&](int first_block, int second_block) {
       if (leader) {
         pipeline_k.producer_acquire(write_state);
-        copy(params.tma_k.with(*pipeline_k.producer_get_barrier(write_state), 0), tKgK(_, key_block),
-             tKsK(_, write_state.index()));
+        CUTE_UNROLL
+        for (int slot = 0; slot < Traits::kBlocksPerStage; ++slot) {
+          copy(params.tma_k.with(*pipeline_k.producer_get_barrier(write_state), 0),
+               tKgK(_, slot == 0 ? first_block : second_block), tKsK(_, slot, 0, write_state.index()));
+        }
         pipeline_v.producer_acquire(write_state);
-        copy(params.tma_v.with(*pipeline_v.producer_get_barrier(write_state), 0), tVgV(_, key_block),
-             tVsV(_, write_state.index()));
+        CUTE_UNROLL
+        for (int slot = 0; slot < Traits::kBlocksPerStage; ++slot) {
+          copy(params.tma_v.with(*pipeline_v.producer_get_barrier(write_state), 0),
+               tVgV(_, slot == 0 ? first_block : second_block), tVsV(_, slot, 0, write_state.index()));
+        }
       }
       ++write_state;
     };
-    for_each_listed_block(list, count, query_block, load_key_block);
-    load_key_block(query_block);
+    int pending_block = -1;  // first block of a half-filled stage (64-token blocks)
+    auto add_key_block = [&](int key_block) {
+      if constexpr (Traits::kBlocksPerStage == 1) {
+        load_stage(key_block, key_block);
+      } else if (pending_block < 0) {
+        pending_block = key_block;
+      } else {
+        load_stage(pending_block, key_block);
+        pending_block = -1;
+      }
+    };
+    for_each_listed_block(list, count, query_block, add_key_block);
+    add_key_block(query_block);
+    if (pending_block >= 0) load_stage(pending_block, pending_block);
     return;
   }
 
@@ -388,15 +420,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int consumer = warp_group - 1;
   const int thread_in_warpgroup = int(threadIdx.x) % 128;
 
-  // Every consumer warp walks the same list to learn the trip count; the last block is the
-  // diagonal, the only one that needs the causal mask.
+  // Every consumer warp walks the same list to learn the trip count. The diagonal block comes
+  // last, in slot diagonal_slot of the last stage; slots after it repeat it and are masked.
   int num_key_blocks = 1;
   for_each_listed_block(list, count, query_block, [&](int) { ++num_key_blocks; });
+  const int num_stages = (num_key_blocks + Traits::kBlocksPerStage - 1) / Traits::kBlocksPerStage;
+  const int diagonal_slot = (num_key_blocks - 1) % Traits::kBlocksPerStage;
 
   PipelineState read_state;
   if (!warpgroup_active(consumer)) {
     // Still release every stage: the empty barriers count both warpgroups.
-    for (int step = 0; step < num_key_blocks; ++step) {
+    for (int step = 0; step < num_stages; ++step) {
       pipeline_k.consumer_wait(read_state);
       pipeline_k.consumer_release(read_state);
       pipeline_v.consumer_wait(read_state);
@@ -414,13 +448,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   Tensor tSrQ = thread_mma_s.partition_fragment_A(sQ(_, _, consumer));  // descriptors
   Tensor tSrK = thread_mma_s.partition_fragment_B(sK);                  // (MMA, N, K, stage)
   Tensor tOrV = thread_mma_o.partition_fragment_B(sVt);                 // (MMA, N, K, stage)
-  Tensor tSrS = partition_fragment_C(tiled_mma_s, Shape<Int<kRowsPerWarpgroup>, Int<kBlockSize>>{});
+  Tensor tSrS = partition_fragment_C(tiled_mma_s, Shape<Int<kRowsPerWarpgroup>, Int<Traits::kKeysPerStage>>{});
   Tensor tOrO = partition_fragment_C(tiled_mma_o, Shape<Int<kRowsPerWarpgroup>, Int<kHeadDim>>{});
   clear(tOrO);
 
   // (row, column) views; the identity tensors give each element's coordinates in its tile.
   Tensor scores = make_tensor(tSrS.data(), accumulator_rows_cols(tSrS.layout()));
-  Tensor tScS = thread_mma_s.partition_C(make_identity_tensor(Shape<Int<kRowsPerWarpgroup>, Int<kBlockSize>>{}));
+  Tensor tScS =
+      thread_mma_s.partition_C(make_identity_tensor(Shape<Int<kRowsPerWarpgroup>, Int<Traits::kKeysPerStage>>{}));
   Tensor score_coords = make_tensor(tScS.data(), accumulator_rows_cols(tScS.layout()));
   Tensor output = make_tensor(tOrO.data(), accumulator_rows_cols(tOrO.layout()));
   Tensor tOcO = thread_mma_o.partition_C(make_identity_tensor(Shape<Int<kRowsPerWarpgroup>, Int<kHeadDim>>{}));
@@ -438,6 +473,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   const float scale_log2 = params.scale_log2;
   const int row_offset = warpgroup_row(consumer);  // of this warpgroup's rows in the query block
+  // Last stage: key column c of the stage is visible to query row r (of the query block) when
+  // c <= r + diagonal_column, which is causal inside the diagonal's slot, all of the slots
+  // before it, and none of the repeats after it.
+  const int diagonal_column = row_offset + diagonal_slot * kBlockSize;
 
   cutlass::arch::ClusterTransactionBarrier::wait(&storage.barrier_q, 0);
 
@@ -449,14 +488,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   warpgroup_wait<0>();
   warpgroup_fence_operand(tSrS);
   pipeline_k.consumer_release(read_state);
-  online_softmax<kRows, kScoreCols>(scores, score_coords, scale_log2, num_key_blocks == 1, row_offset,
+  online_softmax<kRows, kScoreCols>(scores, score_coords, scale_log2, num_stages == 1, diagonal_column,
                                     row_max, row_sum, rescale);
   Tensor probabilities = convert_fragment<Element>(tSrS);
   Tensor tOrP = make_tensor(probabilities.data(), accumulator_as_operand_a(tSrS.layout()));
   PipelineState value_state = read_state;  // V stage of the block whose P is in registers
   ++read_state;
 
-  for (int step = 1; step < num_key_blocks; ++step) {
+  for (int step = 1; step < num_stages; ++step) {
     pipeline_k.consumer_wait(read_state);
     warpgroup_gemm_issue</*kZeroInit=*/true>(tiled_mma_s, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
     pipeline_v.consumer_wait(value_state);
@@ -464,7 +503,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     warpgroup_wait<1>();  // S(n) done; P(n-1) V(n-1) may still run
     warpgroup_fence_operand(tSrS);
     pipeline_k.consumer_release(read_state);
-    online_softmax<kRows, kScoreCols>(scores, score_coords, scale_log2, step == num_key_blocks - 1, row_offset,
+    online_softmax<kRows, kScoreCols>(scores, score_coords, scale_log2, step == num_stages - 1, diagonal_column,
                                       row_max, row_sum, rescale);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
@@ -534,10 +573,8 @@ void launch(const SparsePrefillParams& params) {
   KernelParams<Traits> kernel_params{
       make_tma_copy(SM90_TMA_LOAD{}, query, take<0, 2>(typename Traits::SmemLayoutQ{}),
                     typename Traits::TileQ{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, key, take<0, 2>(typename Traits::SmemLayoutKV{}),
-                    typename Traits::TileKV{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, value, take<0, 2>(typename Traits::SmemLayoutKV{}),
-                    typename Traits::TileKV{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, key, typename Traits::SmemLayoutKVBlock{}, typename Traits::TileKVBlock{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, value, typename Traits::SmemLayoutKVBlock{}, typename Traits::TileKVBlock{}, _1{}),
       query.shape(),
       key.shape(),
       static_cast<Element*>(params.out),
