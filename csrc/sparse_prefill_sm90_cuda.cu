@@ -507,6 +507,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                                       row_max, row_sum, rescale);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
+    // Pins P's registers until here, so the conversion below cannot be hoisted above the wait
+    // while the wgmma still reads them.
+    warpgroup_fence_operand(tOrP);
     pipeline_v.consumer_release(value_state);
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
