@@ -194,9 +194,8 @@ def test_sm90_messy_lists_match_clean_lists(dtype, block_size):
     messy, _, cpu = run_all(query, key, value, cu, lengths, messy_indices, messy_counts, block_size, scale)
     clean, _, _ = run_all(query, key, value, cu, lengths, clean_indices, clean_counts, block_size, scale)
     assert_agree(messy, cpu, dtype)
-    # Same blocks in the same (ascending) order: the same arithmetic, bit for bit.
-    assert torch.equal(messy[0], clean[0])
-    assert torch.equal(messy[1], clean[1])
+    # The same blocks, walked in list order (shuffled here): equal up to summation order.
+    assert_agree(messy, clean, dtype)
 
 
 @pytest.mark.parametrize("block_size", [64, 128])
