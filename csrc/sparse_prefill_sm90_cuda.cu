@@ -272,6 +272,21 @@ __device__ __forceinline__ void online_softmax(Scores& scores, Coords const& coo
   }
 }
 
+// Turn-taking between the two consumer warpgroups ("ping-pong"): a warpgroup issues a stage's
+// wgmmas only after the other has issued its own, so one warpgroup's softmax runs while the
+// other's GEMMs occupy the tensor cores. Named barrier kTurnBarrier + w is warpgroup w's turn:
+// its 128 threads wait (bar.sync) and the other warpgroup's 128 arrive (bar.arrive). IDs start
+// past those CUTLASS reserves.
+constexpr int kTurnBarrier = 8;
+
+__device__ __forceinline__ void wait_turn(int consumer) {
+  asm volatile("bar.sync %0, %1;" ::"r"(kTurnBarrier + consumer), "n"(kConsumerThreads) : "memory");
+}
+
+__device__ __forceinline__ void pass_turn(int consumer) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(kTurnBarrier + 1 - consumer), "n"(kConsumerThreads) : "memory");
+}
+
 template <typename Traits>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_prefill_sm90_kernel(CUTE_GRID_CONSTANT KernelParams<Traits> const params) {
@@ -427,15 +442,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int num_stages = (num_key_blocks + Traits::kBlocksPerStage - 1) / Traits::kBlocksPerStage;
   const int diagonal_slot = (num_key_blocks - 1) % Traits::kBlocksPerStage;
 
+  // Each warpgroup takes num_stages + 1 turns (first S, then S + P V per stage, then the last
+  // P V). Warpgroup 0 goes first; warpgroup 1 skips its last pass, so every barrier phase
+  // completes with exactly 128 waiting and 128 arriving threads.
+  if (consumer == 1) pass_turn(consumer);
+  const auto end_turn = [&](bool last_turn) {
+    if (!(last_turn && consumer == 1)) pass_turn(consumer);
+  };
+
   PipelineState read_state;
   if (!warpgroup_active(consumer)) {
-    // Still release every stage: the empty barriers count both warpgroups.
-    for (int step = 0; step < num_stages; ++step) {
-      pipeline_k.consumer_wait(read_state);
-      pipeline_k.consumer_release(read_state);
-      pipeline_v.consumer_wait(read_state);
-      pipeline_v.consumer_release(read_state);
-      ++read_state;
+    // Still take every turn and release every stage: the turn barriers and the pipelines'
+    // empty barriers count both warpgroups.
+    for (int step = 0; step <= num_stages; ++step) {
+      wait_turn(consumer);
+      end_turn(step == num_stages);
+      if (step < num_stages) {
+        pipeline_k.consumer_wait(read_state);
+        pipeline_k.consumer_release(read_state);
+        pipeline_v.consumer_wait(read_state);
+        pipeline_v.consumer_release(read_state);
+        ++read_state;
+      }
     }
     return;
   }
@@ -484,7 +512,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // cores, the tensor cores compute P(n-1) V(n-1); S(n) = Q K(n) is issued just before.
   float rescale[kRows];
   pipeline_k.consumer_wait(read_state);
+  wait_turn(consumer);
   warpgroup_gemm_issue</*kZeroInit=*/true>(tiled_mma_s, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
+  end_turn(false);
   warpgroup_wait<0>();
   warpgroup_fence_operand(tSrS);
   pipeline_k.consumer_release(read_state);
@@ -497,9 +527,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int step = 1; step < num_stages; ++step) {
     pipeline_k.consumer_wait(read_state);
-    warpgroup_gemm_issue</*kZeroInit=*/true>(tiled_mma_s, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
     pipeline_v.consumer_wait(value_state);
+    wait_turn(consumer);
+    warpgroup_gemm_issue</*kZeroInit=*/true>(tiled_mma_s, tSrQ, tSrK(_, _, _, read_state.index()), tSrS);
     warpgroup_gemm_issue</*kZeroInit=*/false>(tiled_mma_o, tOrP, tOrV(_, _, _, value_state.index()), tOrO);
+    end_turn(false);
     warpgroup_wait<1>();  // S(n) done; P(n-1) V(n-1) may still run
     warpgroup_fence_operand(tSrS);
     pipeline_k.consumer_release(read_state);
@@ -522,7 +554,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     ++read_state;
   }
   pipeline_v.consumer_wait(value_state);
+  wait_turn(consumer);
   warpgroup_gemm_issue</*kZeroInit=*/false>(tiled_mma_o, tOrP, tOrV(_, _, _, value_state.index()), tOrO);
+  end_turn(true);
   warpgroup_wait<0>();
   warpgroup_fence_operand(tOrO);
   pipeline_v.consumer_release(value_state);
