@@ -364,6 +364,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     Tensor mK = params.tma_k.get_tma_tensor(params.shape_kv);   // (token, dim, head_kv)
     Tensor mV = params.tma_v.get_tma_tensor(params.shape_kv);
     if (leader) {
+      cute::prefetch_tma_descriptor(params.tma_q.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(params.tma_k.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(params.tma_v.get_tma_descriptor());
       uint32_t q_bytes = 0;
       for (int consumer = 0; consumer < 2; ++consumer) {
         if (warpgroup_active(consumer)) q_bytes += Traits::kQTileBytes;
@@ -575,14 +578,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t row_index = int64_t(seq_start + token_in_sequence) * params.heads_q + head;
     const float inverse_sum = 1.f / sum;
     Element* out_row = params.out + row_index * kHeadDim;
-    // Columns come in adjacent pairs (c, c + 1): one 4-byte store each.
+    // Columns come in adjacent pairs (c, c + 1), c even: one 4-byte store each.
     CUTE_UNROLL
     for (int c = 0; c < kOutputCols; c += 2) {
-      cutlass::Array<Element, 2> pair;
-      pair[0] = Element(output(r, c) * inverse_sum);
-      pair[1] = Element(output(r, c + 1) * inverse_sum);
+      const Element first = Element(output(r, c) * inverse_sum);
+      const Element second = Element(output(r, c + 1) * inverse_sum);
       const int column = int(get<1>(output_coords(r, c)));
-      *reinterpret_cast<cutlass::Array<Element, 2>*>(out_row + column) = pair;
+      *reinterpret_cast<uint32_t*>(out_row + column) = uint32_t(first.raw()) | (uint32_t(second.raw()) << 16);
     }
     if (lane % 4 == 0) {
       params.lse[row_index] = (row_max[r] + __log2f(sum)) * 0.6931471805599453f;
