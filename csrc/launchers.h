@@ -21,10 +21,13 @@ void select_blocks_cuda(const SelectBlocksParams& params);
 // Split-KV planning: how many splits the launcher wants, so the entry can size the workspace.
 int sparse_decode_num_splits(const SparseDecodeParams& params);
 void sparse_decode_cuda(const SparseDecodeParams& params);
+// Picks the implementation (SPOT_PREFILL_IMPL: unset/auto, mma, wgmma) and runs it.
 void sparse_prefill_cuda(const SparsePrefillParams& params);
-// Hopper wgmma/TMA prefill: supported() is true only for inputs and devices it handles.
-bool sparse_prefill_sm90_supported(const SparsePrefillParams& params);
+// Portable tensor-core kernel (mma.sync, sm_80+): head_dim 64/128, block_size 64/128.
+void sparse_prefill_mma_cuda(const SparsePrefillParams& params);
+// Hopper kernel (wgmma + TMA) and whether it can run this call on the current device.
 void sparse_prefill_sm90_cuda(const SparsePrefillParams& params);
+bool sparse_prefill_sm90_supported(const SparsePrefillParams& params);
 void block_mass_cuda(const BlockMassParams& params);
 void pack_kcache_cuda(const KCachePackParams& params);
 void unpack_kcache_cuda(const KCachePackParams& params);
