@@ -233,15 +233,23 @@ __device__ __forceinline__ void warpgroup_gemm_issue(TiledMma& tiled_mma, Tensor
   warpgroup_commit_batch();
 }
 
-// Scales a stage of logits into the base-2 domain, masks the last stage (column c is visible to
-// a warpgroup row r when c <= r + diagonal_column), and folds it into the running softmax:
+// 2^x with the hardware approximation, flushing results below 2^-126 to zero (exp2f adds a
+// range fix-up per element that a softmax does not need). 2^-inf = 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float result;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(x));
+  return result;
+}
+
+// Scales a stage of logits into the base-2 domain, masks it when kMask (the last stage: column c is
+// visible to a warpgroup row r when c <= r + diagonal_column), and folds it into the running softmax:
 // scores become unnormalised probabilities, row_max / row_sum are updated, and rescale[r] is
 // what the output rows must be multiplied by. A row's max is finite from its first stage on:
 // every stage holds at least one key it sees (slot 0 is a listed block, all visible, or the
 // diagonal, whose key 0 is), so no exp2(-inf - -inf).
-template <int kRows, int kCols, typename Scores, typename Coords>
+template <bool kMask, int kRows, int kCols, typename Scores, typename Coords>
 __device__ __forceinline__ void online_softmax(Scores& scores, Coords const& coords, float scale_log2,
-                                               bool last_stage, int diagonal_column, float (&row_max)[kRows],
+                                               int diagonal_column, float (&row_max)[kRows],
                                                float (&row_sum)[kRows], float (&rescale)[kRows]) {
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
@@ -250,7 +258,7 @@ __device__ __forceinline__ void online_softmax(Scores& scores, Coords const& coo
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
       const float logit = scores(r, c) * scale_log2;
-      scores(r, c) = (last_stage && int(get<1>(coords(r, c))) > limit) ? -INFINITY : logit;
+      scores(r, c) = (kMask && int(get<1>(coords(r, c))) > limit) ? -INFINITY : logit;
     }
     float block_max = scores(r, 0);
     CUTE_UNROLL
@@ -259,12 +267,12 @@ __device__ __forceinline__ void online_softmax(Scores& scores, Coords const& coo
     block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
     block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
     const float new_max = fmaxf(row_max[r], block_max);
-    rescale[r] = exp2f(row_max[r] - new_max);  // 0 on the first block (old max -inf)
+    rescale[r] = fast_exp2(row_max[r] - new_max);  // 0 on the first stage (old max -inf)
     row_max[r] = new_max;
     float sum = 0.f;
     CUTE_UNROLL
     for (int c = 0; c < kCols; ++c) {
-      const float p = exp2f(scores(r, c) - new_max);
+      const float p = fast_exp2(scores(r, c) - new_max);
       scores(r, c) = p;
       sum += p;
     }
@@ -521,8 +529,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   warpgroup_wait<0>();
   warpgroup_fence_operand(tSrS);
   pipeline_k.consumer_release(read_state);
-  online_softmax<kRows, kScoreCols>(scores, score_coords, scale_log2, num_stages == 1, diagonal_column,
-                                    row_max, row_sum, rescale);
+  if (num_stages == 1) {
+    online_softmax<true, kRows, kScoreCols>(scores, score_coords, scale_log2, diagonal_column, row_max, row_sum,
+                                            rescale);
+  } else {
+    online_softmax<false, kRows, kScoreCols>(scores, score_coords, scale_log2, diagonal_column, row_max, row_sum,
+                                             rescale);
+  }
   Tensor probabilities = convert_fragment<Element>(tSrS);
   Tensor tOrP = make_tensor(probabilities.data(), accumulator_as_operand_a(tSrS.layout()));
   PipelineState value_state = read_state;  // V stage of the block whose P is in registers
@@ -538,8 +551,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     warpgroup_wait<1>();  // S(n) done; P(n-1) V(n-1) may still run
     warpgroup_fence_operand(tSrS);
     pipeline_k.consumer_release(read_state);
-    online_softmax<kRows, kScoreCols>(scores, score_coords, scale_log2, step == num_stages - 1, diagonal_column,
-                                      row_max, row_sum, rescale);
+    if (step == num_stages - 1) {
+      online_softmax<true, kRows, kScoreCols>(scores, score_coords, scale_log2, diagonal_column, row_max, row_sum,
+                                              rescale);
+    } else {
+      online_softmax<false, kRows, kScoreCols>(scores, score_coords, scale_log2, diagonal_column, row_max, row_sum,
+                                               rescale);
+    }
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
     // Pins P's registers until here, so the conversion below cannot be hoisted above the wait
