@@ -3,12 +3,15 @@
 //
 // One CTA = 384 threads handles one (sequence, KV head, query block, row tile):
 //   warpgroup 0, warp 0: producer. Loads the query tiles once, then walks the query block's
-//     attended key blocks (the kept entries of its list, then the diagonal) and streams each
-//     key block's K and V tile through shared memory with TMA, on two mbarrier pipelines
-//     (K and V separately, so a K stage frees as soon as QK^T has read it).
+//     attended key blocks (the kept entries of its list, then the diagonal) and streams their
+//     K and V tiles through shared memory with TMA, 128 keys per stage (one 128-token block or
+//     two 64-token blocks), on two mbarrier pipelines (K and V separately, so a K stage frees
+//     as soon as QK^T has read it).
 //   warpgroups 1 and 2: consumers. Each owns 64 query rows of one query head: S = Q K^T
 //     (wgmma, both operands in shared memory), online softmax in registers, O += P V (wgmma,
 //     P from registers), then O / sum and the log-sum-exp written straight to global memory.
+//     S of stage n is issued with P V of stage n-1 (softmax overlaps the tensor cores), and
+//     the two warpgroups take turns issuing (one's softmax overlaps the other's GEMMs).
 // Row tiles: with 128-token blocks a tile is one query head of the group (warpgroup w takes
 // tokens [64w, 64w + 64) of the block); with 64-token blocks a tile is two query heads of the
 // group (warpgroup w takes head 2 * tile + w, idle when the group has an odd head count).
