@@ -654,8 +654,17 @@ void launch(const SparsePrefillParams& params) {
   };
 
   auto* kernel = &sparse_prefill_sm90_kernel<Traits>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      Traits::kSmemBytes));
+  // The shared-memory opt-in is per device; set it once per device and instantiation (a bit per
+  // device, so graph capture after the first call makes no attribute calls).
+  static std::atomic<uint64_t> configured_devices{0};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const uint64_t device_bit = device < 64 ? uint64_t(1) << device : 0;
+  if (device_bit == 0 || (configured_devices.load(std::memory_order_acquire) & device_bit) == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        Traits::kSmemBytes));
+    configured_devices.fetch_or(device_bit, std::memory_order_release);
+  }
   const dim3 grid(unsigned(params.batch) * unsigned(params.heads_kv) * unsigned(tiles_per_query_block),
                   unsigned(params.num_query_blocks));
   kernel<<<grid, kThreads, Traits::kSmemBytes, c10::cuda::getCurrentCUDAStream().stream()>>>(kernel_params);
