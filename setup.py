@@ -44,6 +44,17 @@ def cuda_gencode_flags():
     return ["-gencode=arch=compute_90a,code=sm_90a"]
 
 
+def default_cuda_home():
+    """A CUDA toolkit root holding both nvcc and libcudart, for hosts where nvcc on PATH is a
+    wrapper outside the toolkit (torch would then guess a root without lib64/libcudart)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for root in ("/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)):
+        if os.path.isfile(os.path.join(root, "bin", "nvcc")) and glob.glob(os.path.join(root, "lib*", "libcudart.so*")):
+            os.environ["CUDA_HOME"] = root
+            return
+
+
 def build_extension():
     import torch
     from torch.utils import cpp_extension
@@ -94,6 +105,7 @@ def build_extension():
 
 
 def main():
+    default_cuda_home()  # before torch.utils.cpp_extension reads it at import
     from torch.utils.cpp_extension import BuildExtension
 
     setup(

@@ -8,6 +8,7 @@ namespace spot {
 
 void selector_score_cpu(const SelectorScoreParams& params);
 void select_blocks_cpu(const SelectBlocksParams& params);
+void decode_select_cpu(const DecodeSelectParams& params);
 void sparse_decode_cpu(const SparseDecodeParams& params);
 void sparse_prefill_cpu(const SparsePrefillParams& params);
 void block_mass_cpu(const BlockMassParams& params);
@@ -18,6 +19,9 @@ void append_kcache_cpu(const KCachePackParams& params);
 #ifdef SPOT_WITH_CUDA
 void selector_score_cuda(const SelectorScoreParams& params);
 void select_blocks_cuda(const SelectBlocksParams& params);
+void decode_select_cuda(const DecodeSelectParams& params);
+// Largest num_key_blocks the CUDA selection kernels hold in shared memory.
+int select_blocks_cuda_max_key_blocks();
 // Split-KV planning: how many splits the launcher wants, so the entry can size the workspace.
 int sparse_decode_num_splits(const SparseDecodeParams& params);
 void sparse_decode_cuda(const SparseDecodeParams& params);

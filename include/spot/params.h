@@ -40,7 +40,30 @@ struct SelectBlocksParams {
   int32_t* indices = nullptr;             // [batch, heads, num_query_rows, k_max], -1 padded
   int32_t* counts = nullptr;              // [batch, heads, num_query_rows]
   int batch = 0, heads = 0, num_query_rows = 0, num_key_blocks = 0;
-  float top_p = 1.f;
+  double top_p = 1.0;  // float64: cumulative masses are compared with it in float64
+  int k_min = 0, k_max = 0, sink_blocks = 0, local_blocks = 0;
+};
+
+// Fused decode selection: one selector query per (sequence, KV head) scored against the
+// sequence's selector K-cache, then dual top-p over the blocks [0, ceil(seq_len / block_size)).
+// Blocks [0, min(seq_len / block_size, num_key_blocks)) are scored; the rest of the visible
+// range (the partial last block, blocks without a cached key) has probability 0.
+struct DecodeSelectParams {
+  const void* query = nullptr;       // [batch, heads, dim], query_dtype, contiguous
+  const void* keys = nullptr;        // dense: [batch, heads, num_key_blocks, dim] in key_dtype;
+                                     // packed: uint8 [batch, heads, num_key_blocks, dim / 2]
+  const void* key_scales = nullptr;  // packed only: [batch, heads, num_key_blocks, dim / group]
+  const int32_t* seq_lens = nullptr;  // [batch]; negative entries read as 0 on CUDA
+  int32_t* indices = nullptr;         // [batch, heads, k_max], ascending, -1 padded
+  int32_t* counts = nullptr;          // [batch, heads]
+  int batch = 0, heads = 0, num_key_blocks = 0, dim = 0;
+  int block_size = 64;  // tokens per key block
+  DType query_dtype = DType::kFloat32;
+  DType key_dtype = DType::kFloat32;  // dense format only
+  KCacheFormat format = KCacheFormat::kDense;
+  float global_scale = 1.f;  // nvfp4 only
+  float softmax_scale = 1.f;
+  double top_p = 1.0;
   int k_min = 0, k_max = 0, sink_blocks = 0, local_blocks = 0;
 };
 

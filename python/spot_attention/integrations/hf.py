@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import warnings
 from typing import Any
 
@@ -293,13 +294,17 @@ class LearnedSelection(SelectionMethod):
 
     ``top_p`` (one value or a per-layer dict) overrides the calibrated values, e.g. to sweep the
     budget; ``kcache_format`` overrides the stored K-cache format ("dense" keeps float keys).
+    ``prefill_reads_kcache`` makes prefill score against the keys as the K-cache stores them (a
+    4-bit round trip, or bf16 for "dense"), as a chunked prefill or a decode step would see them:
+    the K-cache accuracy study uses it to measure what a format costs.
     """
 
     name = "spot"
 
     def __init__(self, selectors, top_p: float | dict[int, float] | None = None, kcache_format: str | None = None,
-                 k_min: int | None = None, k_max: int | None = None):
+                 k_min: int | None = None, k_max: int | None = None, prefill_reads_kcache: bool = False):
         self.selectors = selectors
+        self.prefill_reads_kcache = prefill_reads_kcache
         self.config = getattr(selectors, "config", None)
         self.block_size = int(_selector_config_value(self.config, "block_size", 0, 64))
         self.layers = sorted(int(layer) for layer in _selector_layers(selectors))
@@ -352,6 +357,8 @@ class LearnedSelection(SelectionMethod):
         if store is not None:
             store.truncate(0)
             store.append(key_blocks)
+        if self.prefill_reads_kcache and complete > 0:
+            key_blocks = _kcache_round_trip(key_blocks, self.kcache_format)
         # Query block i scores the complete blocks 0..i; its diagonal is kept as a local block.
         row = torch.arange(num_blocks, device=query.device, dtype=torch.int32)
         scored = torch.clamp(row + 1, max=complete)[None].expand(batch, -1).contiguous()
@@ -389,6 +396,16 @@ class LearnedSelection(SelectionMethod):
             policy.sink_blocks, policy.local_blocks, block, self.score_scale(layer_idx, rank),
             key_scales=store.scales, fmt=store.format, global_scale=store.global_scale or 1.0,
         )
+
+
+def _kcache_round_trip(keys: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The selector keys as the K-cache hands them back: bf16 for "dense", else through a
+    4-bit ``SelectorKeyStore`` (its own nvfp4 per-tensor scale rule included)."""
+    if fmt == "dense":
+        return keys.to(torch.bfloat16).to(keys.dtype)
+    store = SelectorKeyStore(fmt, block_size=1)
+    store.append(keys)
+    return store.dense_view().to(keys.dtype)
 
 
 def _selector_layers(selectors) -> list[int]:
@@ -597,11 +614,23 @@ class SpotAttention:
     # -- cache tracking ------------------------------------------------------------------------
 
     def _remember_cache(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        # The cache argument was renamed across transformers releases.
+        cache = next((kwargs[name] for name in _CACHE_KWARGS if kwargs.get(name) is not None), None)
         self._active_cache[module.spot_layer_idx] = cache
 
     def _forget_cache(self, module, args, kwargs, output):
         self._active_cache.pop(module.spot_layer_idx, None)
+
+
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
+def _cache_kwarg(attention: nn.Module) -> str:
+    """``cache`` where this transformers' attention modules take it, else ``past_key_values``."""
+    try:
+        return "cache" if "cache" in inspect.signature(attention.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
 
 
 def attach(
@@ -650,11 +679,13 @@ def attach(
     handle._previous_implementation = model.config._attn_implementation
     _set_implementation(model, ATTENTION_NAME)
     original_generate = model.generate
+    cache_kwarg = _cache_kwarg(decoder[handle.layers[0]].self_attn) if handle.layers else "past_key_values"
 
     def generate(*args, **kwargs):
         # generate() builds a plain DynamicCache unless given one: give it a SpotCache.
-        if handle.enabled and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-            kwargs["past_key_values"] = SpotCache(config=model.config)
+        given = any(kwargs.get(name) is not None for name in _CACHE_KWARGS)
+        if handle.enabled and not given and kwargs.get("use_cache", True):
+            kwargs[cache_kwarg] = SpotCache(config=model.config)
         return original_generate(*args, **kwargs)
 
     model.generate = generate

@@ -1,0 +1,447 @@
+"""Decode attention benchmark: dense SDPA (FlashAttention and cuDNN backends), the SpotAttention
+decode step and its parts, and Quest-/Twilight-style selection feeding the same sparse kernel,
+against the device's copy bandwidth.
+
+    python bench/decode.py            # full sweep (about 3 minutes on an H100)
+    python bench/decode.py --quick    # a few configurations (well under a minute)
+
+Writes bench/results/decode_<device>.json, .md and .png (``--tag`` overrides <device>, default
+``h100`` on an H100). Every time is the median over ``--iters`` runs of CUDA-event-timed calls
+after warm-up, with the L2 cache flushed (256 MB written) before every timed call, so no method
+reads its working set from L2. A configuration that does not fit in memory is skipped and
+recorded as such.
+
+Bytes moved: what each method must read from HBM at least (KV rows of the attended tokens,
+selector cache or block metadata, candidate keys); ``bw_frac`` = bytes / time / copy bandwidth,
+where the copy bandwidth is a device-to-device copy of 1 GiB counted as read + write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+try:
+    import spot_attention as sa
+except ImportError:  # an in-place build that is not installed
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    import spot_attention as sa
+from spot_attention import reference
+from spot_attention.decode import SparseDecodeStep, topk_blocks
+
+BLOCK = 64
+SINK, LOCAL = 1, 2
+SHAPES = {
+    # name: (heads_q, heads_kv, head_dim, selector rank)
+    "qwen3-8b": (32, 8, 128, 64),
+    "smollm2": (9, 3, 64, 64),
+}
+FULL_LENGTHS = [16384, 32768, 65536, 131072]
+FULL_BATCHES = [1, 8, 32]
+FULL_BUDGETS = ["1%", "3%", "10%", 4096]
+QUICK_LENGTHS = [32768, 131072]
+QUICK_BATCHES = [1, 8]
+QUICK_BUDGETS = ["3%", 4096]
+TWILIGHT_CANDIDATES = 4  # Quest pre-selects this many times the budget, exact q.k prunes by top-p
+TWILIGHT_TOP_P = 0.95
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+class Timer:
+    def __init__(self, warmup: int, iters: int, device) -> None:
+        self.warmup, self.iters = warmup, iters
+        self.flush_buffer = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+
+    def __call__(self, fn) -> float:
+        """Median microseconds of ``fn()`` with a cold L2."""
+        for _ in range(self.warmup):
+            fn()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.iters)]
+        for i in range(self.iters):
+            self.flush_buffer.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1000.0
+
+
+def copy_bandwidth_gbps(device) -> float:
+    """Device-to-device copy of 1 GiB, read + write bytes per second (GB/s)."""
+    source = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000.0)
+    del source, target
+    torch.cuda.empty_cache()
+    return 2 * (1 << 30) / statistics.median(times) / 1e9
+
+
+# --------------------------------------------------------------------------------------------
+# Baseline selections in plain torch (capturable: no host syncs)
+# --------------------------------------------------------------------------------------------
+
+
+def quest_scores(query, key_min, key_max, seq_lens, scale):
+    """Quest bound sum_c max(q_c min_c, q_c max_c) per block, softmaxed over visible blocks and
+    averaged over the group's heads. query [B, Hq, d]; bounds [B, Hkv, NK, d] -> [B, Hkv, NK]."""
+    batch, heads_q, dim = query.shape
+    heads_kv, num_blocks = key_min.shape[1], key_min.shape[2]
+    q = query.view(batch, heads_kv, heads_q // heads_kv, dim)
+    bound = (torch.matmul(q.clamp(min=0), key_max.transpose(-1, -2))
+             + torch.matmul(q.clamp(max=0), key_min.transpose(-1, -2))).float() * scale  # [B, Hkv, G, NK]
+    visible = (seq_lens.long() + BLOCK - 1) // BLOCK
+    column = torch.arange(num_blocks, device=query.device)
+    bound = bound.masked_fill((column[None, :] >= visible[:, None])[:, None, None], float("-inf"))
+    return torch.softmax(bound, -1).mean(2)
+
+
+def quest_select(query, key_min, key_max, seq_lens, scale, budget_blocks):
+    scores = quest_scores(query, key_min, key_max, seq_lens, scale)
+    return topk_blocks(scores, seq_lens, BLOCK, budget_blocks, SINK, LOCAL)
+
+
+def twilight_select(query, key_blocks, key_min, key_max, seq_lens, scale, budget_blocks):
+    """Quest pre-selects TWILIGHT_CANDIDATES x budget blocks; exact q.k over their tokens gives
+    each candidate's attention mass (group-averaged); the fewest candidates reaching
+    TWILIGHT_TOP_P are kept, at most the budget. key_blocks [B, Hkv, NK, BLOCK, d]."""
+    batch, heads_q, dim = query.shape
+    heads_kv, num_blocks = key_min.shape[1], key_min.shape[2]
+    group = heads_q // heads_kv
+    candidates, candidate_counts = quest_select(query, key_min, key_max, seq_lens, scale,
+                                                min(num_blocks, TWILIGHT_CANDIDATES * budget_blocks))
+    num_candidates = candidates.shape[-1]
+    valid_candidate = torch.arange(num_candidates, device=query.device)[None, None] < candidate_counts[..., None]
+    safe = candidates.clamp(min=0).long()
+    gathered = torch.gather(key_blocks, 2, safe[..., None, None].expand(-1, -1, -1, BLOCK, dim))  # [B,Hkv,C,BLOCK,d]
+    q = query.view(batch, heads_kv, group, dim)
+    logits = torch.einsum("bhgd,bhctd->bhgct", q, gathered).float() * scale  # [B, Hkv, G, C, BLOCK]
+    token = safe[..., None] * BLOCK + torch.arange(BLOCK, device=query.device)  # [B, Hkv, C, BLOCK]
+    valid = (token < seq_lens.long()[:, None, None, None]) & valid_candidate[..., None]
+    logits = logits.masked_fill(~valid[:, :, None], float("-inf"))
+    weights = torch.softmax(logits.flatten(-2), -1).view_as(logits).nan_to_num(0.0)
+    mass = weights.sum(-1).mean(2)  # [B, Hkv, C]
+    order = torch.sort(mass, -1, descending=True)
+    cumulative = order.values.cumsum(-1)
+    keep = (cumulative - order.values < TWILIGHT_TOP_P).sum(-1)  # fewest reaching top_p
+    counts = torch.minimum(torch.minimum(keep, candidate_counts.long()), torch.tensor(budget_blocks, device=query.device))
+    counts = counts.clamp(min=1) * (candidate_counts > 0)
+    chosen = torch.gather(candidates, -1, order.indices)[..., :budget_blocks]
+    return chosen.contiguous(), counts.to(torch.int32).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# One configuration
+# --------------------------------------------------------------------------------------------
+
+
+def budget_blocks(budget, length: int) -> int:
+    visible = math.ceil(length / BLOCK)
+    if isinstance(budget, str):
+        blocks = math.ceil(visible * float(budget.rstrip("%")) / 100.0)
+    else:
+        blocks = math.ceil(budget / BLOCK)
+    return max(SINK + LOCAL + 1, min(blocks, visible))
+
+
+def run_config(shape_name, length, batch, budgets, timer, device, rows, log):
+    heads_q, heads_kv, dim, rank = SHAPES[shape_name]
+    group = heads_q // heads_kv
+    scale = dim ** -0.5
+    num_blocks = math.ceil(length / BLOCK)
+    element = 2
+    kv_bytes = 2 * batch * heads_kv * length * dim * element
+
+    def add(method, budget_tokens, us, nbytes):
+        rows.append({"shape": shape_name, "L": length, "B": batch, "budget_tokens": int(budget_tokens),
+                     "method": method, "us": round(us, 2), "bytes": int(nbytes)})
+        log(f"  {shape_name:9s} L={length:6d} B={batch:2d} budget={budget_tokens:6d} {method:18s} {us:9.1f} us")
+
+    def attempt(method, budget_tokens, fn, nbytes) -> bool:
+        try:
+            add(method, budget_tokens, timer(fn), nbytes)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            log(f"  {method}: out of memory, skipped")
+        except Exception as error:  # a missing kernel or backend: record and go on
+            log(f"  {method}: skipped ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+        return False
+
+    generator = torch.Generator(device=device).manual_seed(length + batch)
+    # KV in the [B, Hkv, L, d] layout SDPA wants; spot reads the [B, L, Hkv, d] view of it.
+    keys = torch.randn(batch, heads_kv, length, dim, device=device, dtype=torch.bfloat16, generator=generator)
+    values = torch.randn(batch, heads_kv, length, dim, device=device, dtype=torch.bfloat16, generator=generator)
+    query = torch.randn(batch, heads_q, dim, device=device, dtype=torch.bfloat16, generator=generator)
+    seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+    key_cache, value_cache = keys.transpose(1, 2), values.transpose(1, 2)
+
+    # Dense baselines. GQA through enable_gqa where the backend takes it, else expanded KV
+    # (built outside the timed call: the bytes read are the same, the memory is not).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    query_4d = query[:, :, None]
+    for method, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        dense_keys, dense_values, gqa = keys, values, True
+        try:
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(query_4d, keys, values, scale=scale, enable_gqa=True)
+        except RuntimeError:
+            gqa = False
+            try:
+                dense_keys, dense_values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                log(f"  {method}: no GQA support and no memory for expanded KV, skipped")
+                continue
+
+        def dense(backend=backend, dense_keys=dense_keys, dense_values=dense_values, gqa=gqa):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(query_4d, dense_keys, dense_values, scale=scale, enable_gqa=gqa)
+
+        attempt(method, length, dense, kv_bytes)
+        del dense_keys, dense_values
+
+    # Spot selector K-cache: int4 codes + fp16 scales, one r-dim key per complete block.
+    selector_query = torch.randn(batch, heads_kv, rank, device=device, generator=generator)
+    selector_keys = torch.randn(batch, heads_kv, max(num_blocks, 1), rank, device=device, generator=generator)
+    try:
+        codes, key_scales = sa.pack_kcache(selector_keys, "int4")
+    except Exception:  # no kernel for the device: the readable specification packs the same bytes
+        codes, key_scales = reference.pack_kcache(selector_keys.cpu(), "int4")
+        codes, key_scales = codes.to(device), key_scales.to(device)
+    selector_bytes = codes.numel() + key_scales.numel() * key_scales.element_size()
+    num_visible = torch.full((batch, 1), num_blocks, dtype=torch.int32, device=device)
+
+    # Quest metadata: per-block channel min / max of the keys.
+    assert length % BLOCK == 0, "the sweep's lengths are whole blocks"
+    key_blocks = keys.view(batch, heads_kv, num_blocks, BLOCK, dim)
+    key_min, key_max = key_blocks.amin(3), key_blocks.amax(3)
+    bounds_bytes = 2 * key_min.numel() * element
+
+    for budget in budgets:
+        blocks = budget_blocks(budget, length)
+        tokens = blocks * BLOCK
+        attend_bytes = 2 * batch * heads_kv * min(tokens, length) * dim * element
+        step = SparseDecodeStep(heads_q=heads_q, heads_kv=heads_kv, head_dim=dim, top_p=0.9, k_min=blocks,
+                                k_max=blocks, block_size=BLOCK, sink_blocks=SINK, local_blocks=LOCAL,
+                                kcache_format="int4")
+
+        def spot_step():
+            return step.run(query, key_cache, value_cache, seq_lens, codes, key_scales, None, selector_query)
+
+        def spot_select():
+            return step.select(selector_query, codes, key_scales, seq_lens)
+
+        def spot_score():
+            return sa.selector_score(selector_query[:, :, None], codes, num_visible, rank ** -0.5, key_scales, "int4")
+
+        # Capture only what runs eagerly: a capture that fails half-way can leave the stream unusable.
+        step_runs = attempt("spot_step", tokens, spot_step, attend_bytes + selector_bytes)
+        try:
+            if not step_runs:
+                raise RuntimeError("the eager step did not run")
+            captured = step.capture(query, key_cache, value_cache, seq_lens, codes, key_scales, None, selector_query)
+            attempt("spot_step_graph", tokens, captured.replay, attend_bytes + selector_bytes)
+            del captured
+        except Exception as error:
+            log(f"  spot_step_graph: skipped ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+        attempt("spot_select", tokens, spot_select, selector_bytes)
+        attempt("spot_score", tokens, spot_score, selector_bytes)
+        try:
+            scores = spot_score()
+            attempt("spot_topp", tokens, lambda: sa.select_blocks(scores, num_visible, 0.9, blocks, blocks, SINK, LOCAL),
+                    scores.numel() * 4)
+        except Exception as error:
+            log(f"  spot_topp: skipped ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+
+        # The sparse kernel alone, on a fixed random selection of the budget (sink + local kept).
+        chosen, counts = topk_blocks(torch.rand(batch, heads_kv, num_blocks, device=device, generator=generator),
+                                     seq_lens, BLOCK, blocks, SINK, LOCAL)
+        attempt("spot_attend", tokens,
+                lambda: sa.sparse_decode(query, key_cache, value_cache, seq_lens, chosen, counts, BLOCK, scale),
+                attend_bytes)
+
+        def quest():
+            indices, quest_counts = quest_select(query, key_min, key_max, seq_lens, scale, blocks)
+            return sa.sparse_decode(query, key_cache, value_cache, seq_lens, indices, quest_counts, BLOCK, scale)
+
+        def twilight():
+            indices, twilight_counts = twilight_select(query, key_blocks, key_min, key_max, seq_lens, scale, blocks)
+            return sa.sparse_decode(query, key_cache, value_cache, seq_lens, indices, twilight_counts, BLOCK, scale)
+
+        attempt("quest", tokens, quest, attend_bytes + bounds_bytes)
+        candidate_tokens = min(num_blocks, TWILIGHT_CANDIDATES * blocks) * BLOCK
+        attempt("twilight", tokens, twilight,
+                attend_bytes + bounds_bytes + batch * heads_kv * candidate_tokens * dim * element)
+    del keys, values, key_cache, value_cache, key_blocks, key_min, key_max
+    torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------
+
+
+def finish_rows(rows, copy_gbps):
+    dense = {(r["shape"], r["L"], r["B"]): r["us"] for r in rows if r["method"] == "sdpa_flash"}
+    for row in rows:
+        row["bw_frac"] = round(row["bytes"] / (row["us"] * 1e-6) / (copy_gbps * 1e9), 4) if row["us"] > 0 else None
+        baseline = dense.get((row["shape"], row["L"], row["B"]))
+        row["speedup_vs_sdpa_flash"] = round(baseline / row["us"], 3) if baseline and row["us"] > 0 else None
+
+
+def markdown(result) -> str:
+    lines = [
+        f"# Decode attention on {result['device']}",
+        "",
+        f"date {result['date']}, commit {result['commit']}, copy bandwidth {result['copy_gbps']:.0f} GB/s "
+        f"(read + write), bf16, block {BLOCK}, sink {SINK} + local {LOCAL} blocks kept by every selection.",
+        "",
+        "| shape | L | B | budget (tokens) | method | us | speedup vs sdpa_flash | MB moved | bw_frac |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        speedup = "" if r.get("speedup_vs_sdpa_flash") is None else f"{r['speedup_vs_sdpa_flash']:.2f}x"
+        frac = "" if r.get("bw_frac") is None else f"{r['bw_frac']:.2f}"
+        lines.append(f"| {r['shape']} | {r['L']} | {r['B']} | {r['budget_tokens']} | {r['method']} | {r['us']:.1f} | "
+                     f"{speedup} | {r['bytes'] / 1e6:.1f} | {frac} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result, path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    rows = result["rows"]
+    panels = sorted({(r["shape"], r["B"]) for r in rows})
+    if not panels:
+        return
+    fixed = 4096
+    methods = ["sdpa_flash", "sdpa_cudnn", "spot_step", "spot_step_graph", "spot_attend", "quest", "twilight"]
+    columns = min(3, len(panels))
+    figure_rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(figure_rows, columns, figsize=(5 * columns, 3.6 * figure_rows), squeeze=False)
+    for axis, (shape, batch) in zip(axes.flat, panels):
+        for method in methods:
+            points = sorted((r["L"], r["us"]) for r in rows if r["shape"] == shape and r["B"] == batch
+                            and r["method"] == method and (method.startswith("sdpa") or r["budget_tokens"] == fixed))
+            if points:
+                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_title(f"{shape}, B={batch} (sparse: {fixed}-token budget)")
+        axis.set_xlabel("context length L")
+        axis.set_ylabel("us")
+        axis.grid(True, which="both", alpha=0.3)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few configurations only")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--lengths", nargs="+", type=int)
+    parser.add_argument("--batches", nargs="+", type=int)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
+    parser.add_argument("--tag", help="file name suffix (default: h100 on an H100, else the device name)")
+    parser.add_argument("--time-limit", type=float, default=230.0, help="seconds; later configurations are skipped")
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench/decode.py needs a CUDA device", file=sys.stderr)
+        return 1
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    tag = args.tag or ("h100" if "H100" in name else name.lower().replace(" ", "_").replace("/", "_"))
+    lengths = args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS)
+    batches = args.batches or (QUICK_BATCHES if args.quick else FULL_BATCHES)
+    budgets = QUICK_BUDGETS if args.quick else FULL_BUDGETS
+
+    began = time.time()
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    copy_gbps = copy_bandwidth_gbps(device)
+    log(f"{name}: copy bandwidth {copy_gbps:.0f} GB/s")
+    timer = Timer(args.warmup, args.iters, device)
+    rows: list[dict] = []
+    skipped: list[str] = []
+    for shape in args.shapes:
+        for batch in batches:
+            for length in lengths:
+                config = f"{shape} L={length} B={batch}"
+                if time.time() - began > args.time_limit:
+                    skipped.append(f"{config}: time limit")
+                    continue
+                try:
+                    run_config(shape, length, batch, budgets, timer, device, rows, log)
+                except torch.cuda.OutOfMemoryError:
+                    skipped.append(f"{config}: out of memory")
+                    log(f"{config}: out of memory, skipped")
+                except Exception:
+                    skipped.append(f"{config}: {traceback.format_exc().splitlines()[-1]}")
+                    log(f"{config}: failed\n{traceback.format_exc()}")
+                torch.cuda.empty_cache()
+
+    finish_rows(rows, copy_gbps)
+    result = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "commit": git_commit(), "copy_gbps": round(copy_gbps, 1), "block_size": BLOCK,
+              "quick": args.quick, "skipped": skipped, "rows": rows}
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, f"decode_{tag}")
+    with open(stem + ".json", "w") as handle:
+        json.dump(result, handle, indent=1)
+    with open(stem + ".md", "w") as handle:
+        handle.write(markdown(result))
+    plot(result, stem + ".png")
+    log(f"wrote {stem}.json/.md/.png in {time.time() - began:.0f} s ({len(rows)} rows, {len(skipped)} skipped)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""What each selector K-cache format costs in accuracy, on the default model.
+
+For bf16 and each 4-bit format (int4, mxfp4, nvfp4) the shipped selector scores every query
+block against the selector keys as that cache hands them back (``prefill_reads_kcache``), at the
+calibrated per-layer top_p; the evaluation harness reports attention-mass recall, blocks read and
+the perplexity change against dense attention on held-out documents.
+
+    python bench/kcache_accuracy.py [--length 8192] [--docs 2] [--device cuda]
+
+Writes bench/results/kcache.json, kcache.md and kcache.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from spot_attention import cli, reference
+from spot_attention.eval import harness
+from spot_attention.integrations import hf
+
+FORMATS = ("bf16", "int4", "mxfp4", "nvfp4")
+
+
+def bytes_per_key(fmt: str, rank: int) -> float:
+    """Stored bytes per pooled selector key of ``rank`` values, scales counted (the nvfp4
+    per-tensor fp32 scale is shared by the whole cache and left out)."""
+    if fmt == "bf16":
+        return 2.0 * rank
+    group = reference.KCACHE_GROUP[fmt]
+    scale_bytes = 2 if fmt == "int4" else 1
+    return rank / 2 + scale_bytes * rank / group
+
+
+def write_report(result: dict, out: str) -> None:
+    with open(out, "w") as handle:
+        json.dump(result, handle, indent=2)
+    lines = [
+        f"# Selector K-cache formats: accuracy at L={result['L']} ({result['device']}, {result['date']}, "
+        f"commit {result['commit']})",
+        "",
+        "| format | bytes/key | ratio vs bf16 | recall | ppl delta % | frac read | top-1 agree |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in result["rows"]:
+        lines.append(f"| {row['format']} | {row['bytes_per_key']:.0f} | {row['ratio_vs_bf16']:.2f}x | "
+                     f"{row['recall']:.4f} | {row['ppl_delta_pct']:+.2f} | {row['frac_read']:.3f} | "
+                     f"{row['top1_agree']:.3f} |")
+    with open(os.path.splitext(out)[0] + ".md", "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = result["rows"]
+    figure, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    names = [row["format"] for row in rows]
+    for axis, key, title in zip(axes, ("bytes_per_key", "recall", "ppl_delta_pct"),
+                                ("bytes per key", "attention-mass recall", "perplexity change %")):
+        axis.bar(names, [row[key] for row in rows], color=["#777", "#1f77b4", "#2ca02c", "#d62728"][: len(rows)])
+        axis.set_title(title)
+    if rows:
+        low = min(row["recall"] for row in rows)
+        axes[1].set_ylim(max(0.0, low - 0.02), 1.0)
+    figure.tight_layout()
+    figure.savefig(os.path.splitext(out)[0] + ".png", dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--docs", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--selector", default=None)
+    parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--out", default=os.path.join("bench", "results", "kcache.json"))
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = cli.pick_device(args.device)
+    dtype = cli.pick_dtype(args.dtype, device)
+    torch.manual_seed(0)
+    selectors = cli.load_selectors(args.selector, device, print)
+    model, tokenizer = cli.load_model(args.model, device, dtype, print)
+    documents = {args.length: cli.heldout_documents(tokenizer, args.length, args.docs)}
+    methods = {fmt: hf.LearnedSelection(selectors, kcache_format="dense" if fmt == "bf16" else fmt,
+                                        prefill_reads_kcache=True) for fmt in args.formats}
+    handle = hf.attach(model, method=next(iter(methods.values())), layers=sorted(selectors.layers),
+                       measure_recall=True)
+    rank = int(selectors.config.selector_dim)
+    result = None
+    rows = []
+    for fmt, method in methods.items():
+        evaluated = harness.run_eval(model, handle, documents, [args.length], [method], docs_per_length=args.docs,
+                                     progress=not args.no_progress, log=print)
+        row = evaluated["rows"][0]
+        rows.append({
+            "format": fmt,
+            "bytes_per_key": bytes_per_key(fmt, rank),
+            "recall": row["recall"],
+            "ppl_delta_pct": row["ppl_delta_pct"],
+            "frac_read": row["frac_read"],
+            "top1_agree": row["top1_agree"],
+            "kl": row["kl"],
+            "ppl": row["ppl"],
+            "ppl_dense": row["ppl_dense"],
+        })
+        result = evaluated
+        print(f"{fmt}: recall {row['recall']:.4f}, ppl delta {row['ppl_delta_pct']:+.2f}%, "
+              f"frac read {row['frac_read']:.3f}", flush=True)
+    bf16_bytes = bytes_per_key("bf16", rank)
+    for row in rows:
+        row["ratio_vs_bf16"] = bf16_bytes / row["bytes_per_key"]
+    summary = {
+        "device": result["device"],
+        "date": result["date"],
+        "commit": result["commit"],
+        "L": args.length,
+        "rank": rank,
+        "documents": result["documents"],
+        "dtype": result["dtype"],
+        "command": "python bench/kcache_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_report(summary, args.out)
+    print(open(os.path.splitext(args.out)[0] + ".md").read())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,618 @@
+// CUDA kernels of spot.sparse_decode: one decode query per (sequence, query head) over the chosen
+// key blocks of its KV head, with split-KV across CTAs and a log-sum-exp merge.
+//
+// Shape of the work. One CTA (4 warps) serves one (sequence, KV head, head chunk, split): the
+// whole query group of the KV head (up to 16 query heads, the rows of one m16n8k16 tile; larger
+// groups take several head chunks) attends to the split's share of the chosen blocks, so each
+// key and value row is read from memory once for all of the group's heads. Decode is bound by
+// memory bandwidth, so the kernel is built around the loads:
+//   - the chosen blocks of a split are walked as one flat list of token slots, cut into tiles of
+//     64 tokens regardless of block_size (small blocks share a tile, a tile never waits on a
+//     block boundary);
+//   - each tile's K and V rows arrive by 16-byte cp.async into a kStages-deep ring in shared
+//     memory (zero-filled when a row is masked: past seq_len, a bad block index, a bad page), so
+//     kStages - 1 tiles are always in flight while the current one is computed;
+//   - rows are XOR-swizzled in 16-byte chunks so ldmatrix reads are free of bank conflicts;
+//   - Q K^T and P V run on mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate); each warp owns 16
+//     tokens of a tile and keeps its own online-softmax state, and the 4 warps merge once at
+//     the end, so the main loop has no cross-warp reductions.
+// The row addresses of a tile (the block-index, page-table and length logic) are resolved once
+// per row into a small shared ring one tile ahead of its loads, not once per 16-byte chunk.
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "launchers.h"
+#include "spot/dispatch.h"
+#include "spot/numeric.h"
+
+namespace spot {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTileTokens = 16 * kWarps;  // each warp owns 16 tokens: one k16 step of P V
+constexpr int kHeadRows = 16;             // query heads per CTA: the M of m16n8k16
+constexpr int kMaxSplits = 64;
+// Below this many tokens per split the merge and the pipeline's fill cost more than they save.
+constexpr int64_t kMinTokensPerSplit = 256;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Pipeline depth per head dim: enough bytes in flight per SM (Little's law wants ~20-30 KB per
+// SM on H100) while leaving room for 2-3 CTAs per SM.
+template <int kHeadDim>
+struct DecodeConfig {
+  static constexpr int kStages = kHeadDim == 64 ? 4 : (kHeadDim == 128 ? 3 : 2);
+  static constexpr int kChunksPerRow = kHeadDim / 8;                    // 16-byte chunks
+  static constexpr int kTileElems = kTileTokens * kHeadDim;             // one K (or V) tile
+  static constexpr int kChunksPerTile = kTileTokens * kChunksPerRow;
+  static_assert(kChunksPerTile % kThreads == 0, "a tile must split evenly over the threads");
+  static constexpr int kChunksPerThread = kChunksPerTile / kThreads;
+  static constexpr int kInfoSlots = kStages + 1;  // row-address ring, one tile ahead of the loads
+  // Byte layout of the dynamic shared memory.
+  static constexpr size_t kKeyBytes = size_t(kStages) * kTileElems * 2;
+  static constexpr size_t kValueOffset = kKeyBytes;
+  static constexpr size_t kInfoOffset = 2 * kKeyBytes;
+  static constexpr size_t kInfoBytes = size_t(kInfoSlots) * kTileTokens * 2 * sizeof(int64_t);
+  // Head dim 256 keeps the query fragments in shared memory (re-read per tile by ldmatrix):
+  // in registers they would push the accumulators into local memory.
+  static constexpr bool kQueryInRegisters = kHeadDim <= 128;
+  static constexpr size_t kQueryOffset = kInfoOffset + kInfoBytes;
+  static constexpr size_t kQueryBytes = kQueryInRegisters ? 0 : size_t(kHeadRows) * kHeadDim * 2;
+  static constexpr size_t kStatsOffset = kQueryOffset + kQueryBytes;
+  static constexpr size_t kStatsBytes = 2 * kWarps * kHeadRows * sizeof(float);
+  static constexpr size_t kSmemBytes = kStatsOffset + kStatsBytes;
+  // The end-of-loop merge reuses the K/V ring for every warp's fp32 [16, head_dim] accumulator.
+  static_assert(size_t(kWarps) * kHeadRows * kHeadDim * sizeof(float) <= 2 * kKeyBytes,
+                "merge buffer must fit in the pipeline's shared memory");
+};
+
+// ------------------------------------------------------------------------------------------
+// PTX helpers
+// ------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_address(const void* pointer) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+// 16-byte global -> shared copy that bypasses L1; src_bytes 0 writes zeros without reading.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&regs)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(regs[0]), "=r"(regs[1]), "=r"(regs[2]), "=r"(regs[3])
+               : "r"(address));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&regs)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(regs[0]), "=r"(regs[1]), "=r"(regs[2]), "=r"(regs[3])
+               : "r"(address));
+}
+
+// D += A B with A [16 x 16] row-major, B [16 x 8] col-major, fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<bfloat16_t>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                      uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<half_t>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float low, float high);
+
+template <>
+__device__ __forceinline__ uint32_t pack_pair<bfloat16_t>(float low, float high) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+  return *reinterpret_cast<const uint32_t*>(&pair);
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack_pair<half_t>(float low, float high) {
+  const __half2 pair = __floats2half2_rn(low, high);
+  return *reinterpret_cast<const uint32_t*>(&pair);
+}
+
+// Element offset of 16-byte chunk `chunk` of tile row `row`: the chunk index is XORed with the
+// row's low 3 bits, so the 8 rows an ldmatrix phase reads land in 8 different bank groups.
+template <int kHeadDim>
+__device__ __forceinline__ int swizzled_offset(int row, int chunk) {
+  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+}
+
+// 2^x with one MUFU op; exact enough for softmax weights, and 2^-inf = 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// ------------------------------------------------------------------------------------------
+// Split-KV attention kernel
+// ------------------------------------------------------------------------------------------
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDecodeParams params) {
+  using Config = DecodeConfig<kHeadDim>;
+  constexpr int kStages = Config::kStages;
+  constexpr int kKSteps = kHeadDim / 16;   // k16 steps of Q K^T
+  constexpr int kDimTiles = kHeadDim / 8;  // n8 tiles of the output
+
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  T* key_tiles = reinterpret_cast<T*>(shared_bytes);
+  T* value_tiles = reinterpret_cast<T*>(shared_bytes + Config::kValueOffset);
+  int64_t* row_key_offset = reinterpret_cast<int64_t*>(shared_bytes + Config::kInfoOffset);  // [slots][tile]
+  int64_t* row_value_offset = row_key_offset + Config::kInfoSlots * kTileTokens;
+  float* warp_row_max = reinterpret_cast<float*>(shared_bytes + Config::kStatsOffset);  // [warps][16]
+  float* warp_row_sum = warp_row_max + kWarps * kHeadRows;
+
+  const int split = blockIdx.x;
+  const int head_chunks = gridDim.y / params.heads_kv;
+  const int kv_head = blockIdx.y / head_chunks;
+  const int head_chunk = blockIdx.y % head_chunks;
+  const int batch_index = blockIdx.z;
+  const int group = params.heads_q / params.heads_kv;
+  const int first_head = kv_head * group + head_chunk * kHeadRows;  // first query head of this CTA
+  const int num_rows = min(kHeadRows, group - head_chunk * kHeadRows);
+
+  const int thread = threadIdx.x;
+  const int warp = thread / 32;
+  const int lane = thread % 32;
+  const int lane_row = lane / 4;   // the "groupID" of the mma fragment layouts
+  const int lane_pair = lane % 4;  // the "threadID_in_group"
+
+  // Lengths are clamped to what the cache holds, so a bad seq_len cannot read past it.
+  const int64_t cache_tokens =
+      params.page_size > 0 ? int64_t(params.pages_per_seq) * params.page_size : int64_t(params.max_seq_len);
+  const int64_t length = ::max(int64_t(0), ::min(int64_t(params.seq_lens[batch_index]), cache_tokens));
+  const int64_t row = int64_t(batch_index) * params.heads_kv + kv_head;
+  const int count = max(0, min(params.block_counts[row], params.max_selected));
+  const int32_t* chosen = params.block_indices + row * params.max_selected;
+
+  // This split's share of the chosen blocks, as a range of flat token slots.
+  const int blocks_per_split = (count + params.num_splits - 1) / params.num_splits;
+  const int first_block = min(count, split * blocks_per_split);
+  const int end_block = min(count, first_block + blocks_per_split);
+  const int64_t block_size = params.block_size;
+  const int64_t slot_begin = int64_t(first_block) * block_size;
+  const int64_t slot_end = int64_t(end_block) * block_size;
+  const int num_tiles = int((slot_end - slot_begin + kTileTokens - 1) / kTileTokens);
+  const bool narrow_slots = slot_end <= INT32_MAX && length <= INT32_MAX;
+
+  const T* key_cache = static_cast<const T*>(params.key_cache);
+  const T* value_cache = static_cast<const T*>(params.value_cache);
+
+  // Row addresses of tile `tile` into ring slot `tile % kInfoSlots`; -1 marks a masked row.
+  auto resolve_rows = [&](int tile) {
+    if (tile >= num_tiles || thread >= kTileTokens) return;
+    const int slot = (tile % Config::kInfoSlots) * kTileTokens + thread;
+    int64_t key_offset = -1, value_offset = 0;
+    const int64_t flat = slot_begin + int64_t(tile) * kTileTokens + thread;
+    if (flat < slot_end) {
+      // 32-bit division where the values allow it (always, in practice): the 64-bit one is a
+      // long software routine on the critical path of every tile.
+      const int64_t position = narrow_slots ? int64_t(uint32_t(flat) / uint32_t(block_size)) : flat / block_size;
+      const int64_t block = __ldg(chosen + position);
+      const int64_t token = block * block_size + (flat - position * block_size);
+      if (block >= 0 && token < length) {
+        if (params.page_size > 0) {
+          const int64_t page_slot =
+              narrow_slots ? int64_t(uint32_t(token) / uint32_t(params.page_size)) : token / params.page_size;
+          const int64_t page =
+              __ldg(params.block_table + int64_t(batch_index) * params.pages_per_seq + page_slot);
+          if (page >= 0 && page < params.num_pages) {
+            const int64_t in_page = token - page_slot * params.page_size;
+            key_offset = page * params.cache_batch_stride + in_page * params.cache_token_stride +
+                         kv_head * params.cache_head_stride;
+            value_offset = page * params.value_batch_stride + in_page * params.value_token_stride +
+                           kv_head * params.value_head_stride;
+          }
+        } else {
+          key_offset = batch_index * params.cache_batch_stride + token * params.cache_token_stride +
+                       kv_head * params.cache_head_stride;
+          value_offset = batch_index * params.value_batch_stride + token * params.value_token_stride +
+                         kv_head * params.value_head_stride;
+        }
+      }
+    }
+    row_key_offset[slot] = key_offset;
+    row_value_offset[slot] = value_offset;
+  };
+
+  // cp.async of tile `tile` into stage `tile % kStages` (rows resolved beforehand).
+  auto load_tile = [&](int tile) {
+    if (tile >= num_tiles) return;
+    const int info = (tile % Config::kInfoSlots) * kTileTokens;
+    T* key_stage = key_tiles + (tile % kStages) * Config::kTileElems;
+    T* value_stage = value_tiles + (tile % kStages) * Config::kTileElems;
+#pragma unroll 2
+    for (int i = 0; i < Config::kChunksPerThread; ++i) {
+      const int chunk_id = thread + i * kThreads;
+      const int tile_row = chunk_id / Config::kChunksPerRow;
+      const int chunk = chunk_id % Config::kChunksPerRow;
+      const int64_t key_offset = row_key_offset[info + tile_row];
+      const bool valid = key_offset >= 0;
+      const T* key_src = valid ? key_cache + key_offset + chunk * 8 : key_cache;
+      const T* value_src = valid ? value_cache + row_value_offset[info + tile_row] + chunk * 8 : value_cache;
+      const int offset = swizzled_offset<kHeadDim>(tile_row, chunk);
+      cp_async_16(smem_address(key_stage + offset), key_src, valid ? 16 : 0);
+      cp_async_16(smem_address(value_stage + offset), value_src, valid ? 16 : 0);
+    }
+  };
+
+  // Query fragments (A operand of Q K^T), rows past the CTA's heads are zero.
+  const T* query = static_cast<const T*>(params.query) + (int64_t(batch_index) * params.heads_q + first_head) * kHeadDim;
+  constexpr int kQueryFragSteps = Config::kQueryInRegisters ? kKSteps : 1;
+  uint32_t query_frag[kQueryFragSteps][4];
+  T* query_tile = reinterpret_cast<T*>(shared_bytes + Config::kQueryOffset);  // [16, head_dim], swizzled
+  if constexpr (Config::kQueryInRegisters) {
+    const uint32_t* row_low = reinterpret_cast<const uint32_t*>(query + lane_row * kHeadDim);
+    const uint32_t* row_high = reinterpret_cast<const uint32_t*>(query + (lane_row + 8) * kHeadDim);
+    const bool has_low = lane_row < num_rows, has_high = lane_row + 8 < num_rows;
+#pragma unroll
+    for (int k = 0; k < kKSteps; ++k) {
+      const int pair = k * 8 + lane_pair;  // elements k * 16 + 2 * lane_pair + {0, 1}
+      query_frag[k][0] = has_low ? row_low[pair] : 0u;
+      query_frag[k][1] = has_high ? row_high[pair] : 0u;
+      query_frag[k][2] = has_low ? row_low[pair + 4] : 0u;
+      query_frag[k][3] = has_high ? row_high[pair + 4] : 0u;
+    }
+  } else {
+    for (int chunk_id = thread; chunk_id < kHeadRows * Config::kChunksPerRow; chunk_id += kThreads) {
+      const int head_row = chunk_id / Config::kChunksPerRow;
+      const int chunk = chunk_id % Config::kChunksPerRow;
+      uint4 value = make_uint4(0u, 0u, 0u, 0u);
+      if (head_row < num_rows) value = *reinterpret_cast<const uint4*>(query + head_row * kHeadDim + chunk * 8);
+      *reinterpret_cast<uint4*>(query_tile + swizzled_offset<kHeadDim>(head_row, chunk)) = value;
+    }
+  }
+
+  // Per-warp online softmax state for rows lane_row (index 0) and lane_row + 8 (index 1), in
+  // log2 units with the softmax scale folded in.
+  const float scale_log2 = params.softmax_scale * kLog2e;
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // this lane's share; the 4 lanes of a row add up at the end
+  float out_acc[kDimTiles][4];
+#pragma unroll
+  for (int n = 0; n < kDimTiles; ++n) out_acc[n][0] = out_acc[n][1] = out_acc[n][2] = out_acc[n][3] = 0.f;
+
+  // Pipeline prologue: resolve kStages tiles, then start loading the first kStages - 1.
+  for (int tile = 0; tile < kStages; ++tile) resolve_rows(tile);
+  __syncthreads();
+  for (int tile = 0; tile < kStages - 1; ++tile) {
+    load_tile(tile);
+    cp_async_commit();
+  }
+
+  const int warp_row0 = warp * 16;  // this warp's 16 tokens within a tile
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    // Every warp is done with tile - 1: its stage and row slot can be refilled.
+    __syncthreads();
+    load_tile(tile + kStages - 1);
+    cp_async_commit();
+    resolve_rows(tile + kStages);
+    cp_async_wait<kStages - 1>();
+    __syncthreads();
+
+    const T* key_stage = key_tiles + (tile % kStages) * Config::kTileElems;
+    const T* value_stage = value_tiles + (tile % kStages) * Config::kTileElems;
+    const int64_t* tile_key_offset = row_key_offset + (tile % Config::kInfoSlots) * kTileTokens;
+
+    // S = Q K^T for the warp's 16 tokens: two n8 tiles, fragments c0/c1 on row lane_row,
+    // c2/c3 on row lane_row + 8, columns 2 * lane_pair + {0, 1}.
+    float scores[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    {
+      const int matrix = lane / 8;
+      const int key_row = warp_row0 + (matrix / 2) * 8 + lane % 8;
+#pragma unroll
+      for (int k = 0; k < kKSteps; ++k) {
+        uint32_t key_frag[4];
+        ldmatrix_x4(key_frag, smem_address(key_stage + swizzled_offset<kHeadDim>(key_row, k * 2 + matrix % 2)));
+        if constexpr (Config::kQueryInRegisters) {
+          mma_16816<T>(scores[0], query_frag[k], key_frag[0], key_frag[1]);
+          mma_16816<T>(scores[1], query_frag[k], key_frag[2], key_frag[3]);
+        } else {
+          // A operand: matrices (rows 0-7 | 8-15) x (dims k16 + 0-7 | 8-15).
+          const int query_row = (matrix % 2) * 8 + lane % 8;
+          ldmatrix_x4(query_frag[0], smem_address(query_tile + swizzled_offset<kHeadDim>(query_row, k * 2 + matrix / 2)));
+          mma_16816<T>(scores[0], query_frag[0], key_frag[0], key_frag[1]);
+          mma_16816<T>(scores[1], query_frag[0], key_frag[2], key_frag[3]);
+        }
+      }
+    }
+
+    // Online softmax over the tile; masked tokens get -inf.
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool valid = tile_key_offset[warp_row0 + n * 8 + lane_pair * 2 + e] >= 0;
+        scores[n][e] = valid ? scores[n][e] * scale_log2 : -INFINITY;
+        scores[n][e + 2] = valid ? scores[n][e + 2] * scale_log2 : -INFINITY;
+        tile_max[0] = fmaxf(tile_max[0], scores[n][e]);
+        tile_max[1] = fmaxf(tile_max[1], scores[n][e + 2]);
+      }
+    }
+    float rescale[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float new_max = fmaxf(row_max[r], tile_max[r]);
+      // A row with no valid token yet keeps max -inf; subtracting 0 then keeps every weight 0.
+      const float reference = new_max == -INFINITY ? 0.f : new_max;
+      rescale[r] = fast_exp2(row_max[r] - reference);
+      row_max[r] = new_max;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float weight = fast_exp2(scores[n][r * 2 + e] - reference);
+          scores[n][r * 2 + e] = weight;
+          sum += weight;
+        }
+      }
+      row_sum[r] = row_sum[r] * rescale[r] + sum;
+    }
+#pragma unroll
+    for (int n = 0; n < kDimTiles; ++n) {
+      out_acc[n][0] *= rescale[0];
+      out_acc[n][1] *= rescale[0];
+      out_acc[n][2] *= rescale[1];
+      out_acc[n][3] *= rescale[1];
+    }
+
+    // O += P V: the score accumulators are already laid out as the A operand of a k16 step.
+    uint32_t weight_frag[4];
+    weight_frag[0] = pack_pair<T>(scores[0][0], scores[0][1]);
+    weight_frag[1] = pack_pair<T>(scores[0][2], scores[0][3]);
+    weight_frag[2] = pack_pair<T>(scores[1][0], scores[1][1]);
+    weight_frag[3] = pack_pair<T>(scores[1][2], scores[1][3]);
+    {
+      const int matrix = lane / 8;
+      const int value_row = warp_row0 + (matrix % 2) * 8 + lane % 8;
+#pragma unroll
+      for (int n = 0; n < kDimTiles; n += 2) {
+        uint32_t value_frag[4];
+        ldmatrix_x4_trans(value_frag,
+                          smem_address(value_stage + swizzled_offset<kHeadDim>(value_row, n + matrix / 2)));
+        mma_16816<T>(out_acc[n], weight_frag, value_frag[0], value_frag[1]);
+        mma_16816<T>(out_acc[n + 1], weight_frag, value_frag[2], value_frag[3]);
+      }
+    }
+  }
+
+  // Merge the 4 warps' partial softmax states through shared memory (the K/V ring is free once
+  // every copy has landed and every warp has left the loop).
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+  }
+  float* warp_out = reinterpret_cast<float*>(shared_bytes);  // [warps][16][head_dim]
+  if (lane_pair == 0) {
+    warp_row_max[warp * kHeadRows + lane_row] = row_max[0];
+    warp_row_max[warp * kHeadRows + lane_row + 8] = row_max[1];
+    warp_row_sum[warp * kHeadRows + lane_row] = row_sum[0];
+    warp_row_sum[warp * kHeadRows + lane_row + 8] = row_sum[1];
+  }
+  {
+    float* base = warp_out + warp * kHeadRows * kHeadDim;
+#pragma unroll
+    for (int n = 0; n < kDimTiles; ++n) {
+      const int column = n * 8 + lane_pair * 2;
+      *reinterpret_cast<float2*>(base + lane_row * kHeadDim + column) = make_float2(out_acc[n][0], out_acc[n][1]);
+      *reinterpret_cast<float2*>(base + (lane_row + 8) * kHeadDim + column) =
+          make_float2(out_acc[n][2], out_acc[n][3]);
+    }
+  }
+  __syncthreads();
+
+  const bool direct = params.num_splits == 1;
+  for (int index = thread; index < num_rows * kHeadDim; index += kThreads) {
+    const int head_row = index / kHeadDim;
+    const int column = index % kHeadDim;
+    float max_all = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) max_all = fmaxf(max_all, warp_row_max[w * kHeadRows + head_row]);
+    float total = 0.f, value = 0.f;
+    if (max_all != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float weight = fast_exp2(warp_row_max[w * kHeadRows + head_row] - max_all);
+        total += warp_row_sum[w * kHeadRows + head_row] * weight;
+        value += warp_out[(w * kHeadRows + head_row) * kHeadDim + column] * weight;
+      }
+    }
+    // total > 0 whenever max_all is finite: the max's own token has weight 1.
+    const bool empty = max_all == -INFINITY;
+    const float normalised = empty ? 0.f : value / total;
+    const float lse = empty ? -INFINITY : (max_all + log2f(total)) * kLn2;
+    const int64_t head = int64_t(batch_index) * params.heads_q + first_head + head_row;
+    if (direct) {
+      static_cast<T*>(params.out)[head * kHeadDim + column] = from_float<T>(normalised);
+      if (column == 0) params.lse[head] = lse;
+    } else {
+      params.partial_out[(head * params.num_splits + split) * kHeadDim + column] = normalised;
+      if (column == 0) params.partial_lse[head * params.num_splits + split] = lse;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Split merge: out = sum_s exp(lse_s - lse) out_s, lse = logsumexp_s lse_s
+// ------------------------------------------------------------------------------------------
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kHeadDim / 4) sparse_decode_merge_kernel(const SparseDecodeParams params) {
+  const int64_t head = blockIdx.x;  // flat (sequence, query head)
+  const int splits = params.num_splits;
+  const float* split_lse = params.partial_lse + head * splits;
+  float max_lse = -INFINITY;
+  for (int s = 0; s < splits; ++s) max_lse = fmaxf(max_lse, split_lse[s]);
+  const int column = threadIdx.x * 4;
+  float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
+  float total = 0.f;
+  if (max_lse != -INFINITY) {
+    const float* split_out = params.partial_out + head * splits * kHeadDim + column;
+    for (int s = 0; s < splits; ++s) {
+      const float lse = split_lse[s];
+      if (lse == -INFINITY) continue;  // an empty split: its partial_out is 0 but skip the read
+      const float weight = expf(lse - max_lse);
+      const float4 part = *reinterpret_cast<const float4*>(split_out + int64_t(s) * kHeadDim);
+      total += weight;
+      value.x += weight * part.x;
+      value.y += weight * part.y;
+      value.z += weight * part.z;
+      value.w += weight * part.w;
+    }
+  }
+  const bool empty = max_lse == -INFINITY;
+  const float inverse = empty ? 0.f : 1.f / total;
+  T* out = static_cast<T*>(params.out) + head * kHeadDim + column;
+  out[0] = from_float<T>(value.x * inverse);
+  out[1] = from_float<T>(value.y * inverse);
+  out[2] = from_float<T>(value.z * inverse);
+  out[3] = from_float<T>(value.w * inverse);
+  if (threadIdx.x == 0) params.lse[head] = empty ? -INFINITY : max_lse + logf(total);
+}
+
+// ------------------------------------------------------------------------------------------
+// Launch planning
+// ------------------------------------------------------------------------------------------
+
+int head_chunks(const SparseDecodeParams& params) {
+  const int group = params.heads_q / params.heads_kv;
+  return (group + kHeadRows - 1) / kHeadRows;
+}
+
+template <typename T, int kHeadDim>
+void prepare_kernel() {
+  // Above 48 KB of dynamic shared memory a kernel must opt in; cheap, and capture-safe (no
+  // stream work), so it runs on every launch rather than being cached per device.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_kernel<T, kHeadDim>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      int(DecodeConfig<kHeadDim>::kSmemBytes)));
+}
+
+// Occupancy depends on the kernel and the architecture only: computed once per instantiation.
+template <typename T, int kHeadDim>
+int resident_ctas_per_sm() {
+  static const int ctas = [] {
+    prepare_kernel<T, kHeadDim>();
+    int resident = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &resident, sparse_decode_kernel<T, kHeadDim>, kThreads, DecodeConfig<kHeadDim>::kSmemBytes));
+    return std::max(resident, 1);
+  }();
+  return ctas;
+}
+
+int multiprocessor_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> counts[kMaxDevices] = {};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < kMaxDevices && counts[device].load(std::memory_order_relaxed) > 0) {
+    return counts[device].load(std::memory_order_relaxed);
+  }
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  count = std::max(count, 1);
+  if (device < kMaxDevices) counts[device].store(count, std::memory_order_relaxed);
+  return count;
+}
+
+// Splits so that the grid covers the GPU about twice (a straggler wave costs less), never fewer
+// than kMinTokensPerSplit tokens per split nor more splits than chosen blocks.
+int plan_splits(const SparseDecodeParams& params, int ctas_per_sm) {
+  if (params.max_selected <= 1) return 1;
+  const int64_t work_rows = int64_t(params.batch) * params.heads_kv * head_chunks(params);
+  const int64_t target_ctas = 2 * int64_t(multiprocessor_count()) * ctas_per_sm;
+  if (work_rows * 2 > target_ctas) return 1;  // at least one full wave without splitting
+  int64_t splits = (target_ctas + work_rows - 1) / work_rows;
+  const int64_t max_tokens = int64_t(params.max_selected) * params.block_size;
+  splits = std::min<int64_t>(splits, (max_tokens + kMinTokensPerSplit - 1) / kMinTokensPerSplit);
+  splits = std::min<int64_t>(splits, params.max_selected);
+  splits = std::min<int64_t>(splits, kMaxSplits);
+  return int(std::max<int64_t>(splits, 1));
+}
+
+template <typename T, int kHeadDim>
+void launch(const SparseDecodeParams& params) {
+  if (params.num_splits > 1 && (params.partial_out == nullptr || params.partial_lse == nullptr)) {
+    throw std::invalid_argument("spot.sparse_decode: num_splits > 1 needs the split-KV workspace");
+  }
+  prepare_kernel<T, kHeadDim>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const dim3 grid(params.num_splits, params.heads_kv * head_chunks(params), params.batch);
+  sparse_decode_kernel<T, kHeadDim><<<grid, kThreads, DecodeConfig<kHeadDim>::kSmemBytes, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (params.num_splits > 1) {
+    const unsigned heads = unsigned(int64_t(params.batch) * params.heads_q);
+    sparse_decode_merge_kernel<T, kHeadDim><<<heads, kHeadDim / 4, 0, stream>>>(params);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+int sparse_decode_num_splits(const SparseDecodeParams& params) {
+  int ctas_per_sm = 1;
+  SPOT_DISPATCH_HALF(params.dtype, scalar_t,
+                     SPOT_DISPATCH_HEAD_DIM(params.head_dim, kHeadDim,
+                                            ctas_per_sm = resident_ctas_per_sm<scalar_t, kHeadDim>()));
+  return plan_splits(params, ctas_per_sm);
+}
+
+void sparse_decode_cuda(const SparseDecodeParams& params) {
+  if (params.batch == 0 || params.heads_q == 0) return;
+  if (params.heads_kv <= 0 || params.heads_q % params.heads_kv != 0) {
+    throw std::invalid_argument("spot.sparse_decode: heads_q must be a multiple of heads_kv");
+  }
+  if (params.num_splits < 1 || params.num_splits > 65535) {
+    throw std::invalid_argument("spot.sparse_decode: num_splits out of range");
+  }
+  SPOT_DISPATCH_HALF(params.dtype, scalar_t,
+                     SPOT_DISPATCH_HEAD_DIM(params.head_dim, kHeadDim, launch<scalar_t, kHeadDim>(params)));
+}
+
+}  // namespace spot
