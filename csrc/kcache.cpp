@@ -84,9 +84,11 @@ void check_dim_fits(int64_t dim, const at::Tensor& tensor, const char* op, const
                  tensor.sizes());
 }
 
+#ifndef SPOT_WITH_CUDA
 void no_cuda(const char* op, const char* arg) {
   SPOT_CHECK_ARG(false, op, arg, "is on CUDA but spot_ops was built without CUDA");
 }
+#endif
 
 }  // namespace
 
