@@ -54,9 +54,20 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 
 #include "spot/numeric.h"
 #include "spot/params.h"
+
+// SPOT_DISPATCH_KCACHE_FORMAT(format, CONST_NAME, ...): a packed spot::KCacheFormat as a
+// constexpr CONST_NAME for the statement block (kDense is not a packed format).
+#define SPOT_DISPATCH_KCACHE_FORMAT(FORMAT, CONST_NAME, ...)                                          \
+  switch (FORMAT) {                                                                                  \
+    case ::spot::KCacheFormat::kInt4: { constexpr auto CONST_NAME = ::spot::KCacheFormat::kInt4; __VA_ARGS__; break; } \
+    case ::spot::KCacheFormat::kMxfp4: { constexpr auto CONST_NAME = ::spot::KCacheFormat::kMxfp4; __VA_ARGS__; break; } \
+    case ::spot::KCacheFormat::kNvfp4: { constexpr auto CONST_NAME = ::spot::KCacheFormat::kNvfp4; __VA_ARGS__; break; } \
+    default: throw std::invalid_argument("spot: expected a packed K-cache format (int4, mxfp4, nvfp4)"); \
+  }
 
 namespace spot {
 namespace kcache {

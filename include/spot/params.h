@@ -137,7 +137,9 @@ struct KCachePackParams {
   int dim = 0;
   DType key_dtype = DType::kFloat32;
   KCacheFormat format = KCacheFormat::kInt4;
-  float global_scale = 1.f;
+  // nvfp4 only. Double, as the schema passes it: the block scale amax / 6 / global_scale and the
+  // decode e4m3 * global_scale are rounded exactly as reference.py does.
+  double global_scale = 1.0;
   // append_kcache: rows are (batch, head) pairs written at block slot slots[batch] of a cache
   // [batch, heads, num_key_blocks, ...]; slot < 0 skips the sequence.
   const int32_t* slots = nullptr;

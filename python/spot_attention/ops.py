@@ -185,7 +185,8 @@ def append_kcache(
     global_scale: float = 1.0,
 ) -> None:
     """Pack keys [B, Hkv, r] into block slot ``slots[b]`` (int32 [B]; negative skips) of the packed
-    cache codes [B, Hkv, NK, r/2] / scales [B, Hkv, NK, r/group], in place (graph capturable)."""
+    cache codes [B, Hkv, NK, r/2] / scales [B, Hkv, NK, r/group], in place (graph capturable).
+    A slot >= NK raises on CPU; on CUDA it is skipped (checking it would synchronise)."""
     torch.ops.spot.append_kcache(codes, scales, keys, slots, format, global_scale)
 
 
