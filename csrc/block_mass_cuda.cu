@@ -229,6 +229,8 @@ __global__ void __launch_bounds__(kThreads)
   const int quad_col = (lane % 4) * 2;
   const float scale_log2 = params.softmax_scale * kLog2e;
 
+  // Sweep 1: running max of the raw logits of each row; from its last tile on: the row's
+  // log-sum-exp in the scaled log2 domain.
   float row_max[kMTiles][2];
   float row_sum[kMTiles][2];
 #pragma unroll
@@ -293,20 +295,19 @@ __global__ void __launch_bounds__(kThreads)
     // Only tiles reaching past the first row of the query tile hold keys after some row.
     const bool needs_mask = key_first + kKeyTile - 1 > query_first;
 
-    // Log2-domain logits; masked entries -inf.
+    // Masked entries -inf. Logits stay unscaled: softmax_scale * log2(e) > 0 commutes with max
+    // and folds into the FMA in front of each exp2.
+    if (needs_mask) {
 #pragma unroll
-    for (int m = 0; m < kMTiles; ++m) {
+      for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
-      for (int n = 0; n < kNTiles; ++n) {
+        for (int n = 0; n < kNTiles; ++n) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float value = logits[m][n][e] * scale_log2;
-          if (needs_mask) {
+          for (int e = 0; e < 4; ++e) {
             const int row = query_first + warp_row0 + m * 16 + quad_row + 8 * (e / 2);
             const int column = key_first + n * 8 + quad_col + (e % 2);
-            if (column > row) value = -INFINITY;
+            if (column > row) logits[m][n][e] = -INFINITY;
           }
-          logits[m][n][e] = value;
         }
       }
     }
@@ -320,33 +321,35 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int n = 0; n < kNTiles; ++n) tile_max = fmaxf(tile_max, fmaxf(logits[m][n][2 * h], logits[m][n][2 * h + 1]));
           const float new_max = fmaxf(row_max[m][h], quad_max(tile_max));
-          // A row whose keys are all masked so far keeps max -inf; subtract 0 then (no NaN).
-          const float shift = new_max == -INFINITY ? 0.f : new_max;
-          float sum = row_sum[m][h] * fast_exp2(row_max[m][h] - shift);
+          // A row whose keys are all masked so far keeps max -inf; shift by 0 then (no NaN).
+          const float shift = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+          float sum = row_sum[m][h] * fast_exp2(fmaf(row_max[m][h], scale_log2, -shift));
 #pragma unroll
           for (int n = 0; n < kNTiles; ++n) {
-            sum += fast_exp2(logits[m][n][2 * h] - shift) + fast_exp2(logits[m][n][2 * h + 1] - shift);
+            sum += fast_exp2(fmaf(logits[m][n][2 * h], scale_log2, -shift)) +
+                   fast_exp2(fmaf(logits[m][n][2 * h + 1], scale_log2, -shift));
           }
           row_max[m][h] = new_max;
           row_sum[m][h] = sum;
         }
       }
       if (step == num_key_tiles - 1) {
-        // Row log-sum-exp (log2); rows past the sequence get +inf so every p of theirs is 0.
+        // Row log-sum-exp in the scaled log2 domain; rows past the sequence get +inf so every
+        // p of theirs is 0.
 #pragma unroll
         for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int row = query_first + warp_row0 + m * 16 + quad_row + 8 * h;
             const float total = quad_sum(row_sum[m][h]);
-            row_max[m][h] = row < length ? row_max[m][h] + __log2f(total) : INFINITY;
+            row_max[m][h] = row < length ? fmaf(row_max[m][h], scale_log2, __log2f(total)) : INFINITY;
           }
         }
       }
       continue;
     }
 
-    // Sweep 2: row_max holds the log-sum-exp. p = exp2(logit - lse), summed per key block.
+    // Sweep 2: row_max holds the log-sum-exp. p = exp2(scaled logit - lse), summed per key block.
     float block_sums[kMTiles][kKeyBlocksPerTile][2];
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m) {
@@ -354,10 +357,12 @@ __global__ void __launch_bounds__(kThreads)
       for (int b = 0; b < kKeyBlocksPerTile; ++b) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
+          const float lse = row_max[m][h];
           float sum = 0.f;
 #pragma unroll
           for (int n = b * kNTilesPerKeyBlock; n < (b + 1) * kNTilesPerKeyBlock; ++n) {
-            sum += fast_exp2(logits[m][n][2 * h] - row_max[m][h]) + fast_exp2(logits[m][n][2 * h + 1] - row_max[m][h]);
+            sum += fast_exp2(fmaf(logits[m][n][2 * h], scale_log2, -lse)) +
+                   fast_exp2(fmaf(logits[m][n][2 * h + 1], scale_log2, -lse));
           }
           block_sums[m][b][h] = sum;
         }
