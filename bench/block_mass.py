@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import spot_attention
 
@@ -83,7 +84,7 @@ def bench_shape(name: str, length: int, block_size_q: int, block_size_k: int, se
     dense_value = torch.randn_like(dense_key)
 
     def dense():
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(dense_query, dense_key, dense_value, is_causal=True, scale=scale)
 
     def teacher():
