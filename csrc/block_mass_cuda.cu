@@ -3,9 +3,10 @@
 // One CTA owns a tile of query tokens of one (sequence, query head) and walks the causal key
 // tiles twice, FlashAttention style, so L x L never exists:
 //   sweep 1: logits = Q K^T per key tile (mma.sync m16n8k16, fp32 accumulate), online row max
-//            and row sum -> per-row log-sum-exp (log2 domain);
-//   sweep 2: the same logits again, p = exp2(logit - lse), summed over the tile's key columns
-//            of each key block and over the rows of each query block, added to the output.
+//            and row sum of exp2 (log2 domain, softmax scale folded into the exponent);
+//   sweep 2: the same logits again, p = exp2(logit - max) / sum, summed over the tile's key
+//            columns of each key block and over the rows of each query block, added to the
+//            output.
 // There is no P V product, so the cost is about two QK^T passes: close to one causal forward.
 //
 // Heads of a KV group, and query tiles of one query block, land on different CTAs: their
@@ -229,8 +230,12 @@ __global__ void __launch_bounds__(kThreads)
   const int quad_col = (lane % 4) * 2;
   const float scale_log2 = params.softmax_scale * kLog2e;
 
-  // Sweep 1: running max of the raw logits of each row; from its last tile on: the row's
-  // log-sum-exp in the scaled log2 domain.
+  // Sweep 1: running max of the raw logits of each row and the thread's part of the row's
+  // sum of exp2(scaled logit - scaled max). From the last tile of sweep 1 on: the scaled max
+  // (the exp2 shift) and 1 / (row total), 0 for rows past the sequence. Normalising by a
+  // multiply after the block sums (instead of subtracting log2(total) from every logit) keeps
+  // sweep 2's exponents relative to the same rounded shift as sweep 1's, so rows sum to 1 to
+  // fp32 accuracy however large the logits are.
   float row_max[kMTiles][2];
   float row_sum[kMTiles][2];
 #pragma unroll
@@ -323,7 +328,8 @@ __global__ void __launch_bounds__(kThreads)
           const float new_max = fmaxf(row_max[m][h], quad_max(tile_max));
           // A row whose keys are all masked so far keeps max -inf; shift by 0 then (no NaN).
           const float shift = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-          float sum = row_sum[m][h] * fast_exp2(fmaf(row_max[m][h], scale_log2, -shift));
+          // Rescale by the difference of the rounded shifts the earlier terms were taken against.
+          float sum = row_sum[m][h] * fast_exp2(row_max[m][h] * scale_log2 - shift);
 #pragma unroll
           for (int n = 0; n < kNTiles; ++n) {
             sum += fast_exp2(fmaf(logits[m][n][2 * h], scale_log2, -shift)) +
@@ -334,22 +340,22 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       if (step == num_key_tiles - 1) {
-        // Row log-sum-exp in the scaled log2 domain; rows past the sequence get +inf so every
-        // p of theirs is 0.
 #pragma unroll
         for (int m = 0; m < kMTiles; ++m) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int row = query_first + warp_row0 + m * 16 + quad_row + 8 * h;
             const float total = quad_sum(row_sum[m][h]);
-            row_max[m][h] = row < length ? fmaf(row_max[m][h], scale_log2, __log2f(total)) : INFINITY;
+            // Every row sees key 0, so its max is finite (rows past the sequence: logits 0).
+            row_max[m][h] *= scale_log2;
+            row_sum[m][h] = row < length ? 1.f / total : 0.f;
           }
         }
       }
       continue;
     }
 
-    // Sweep 2: row_max holds the log-sum-exp. p = exp2(scaled logit - lse), summed per key block.
+    // Sweep 2: p = exp2(scaled logit - shift) / total, summed per key block.
     float block_sums[kMTiles][kKeyBlocksPerTile][2];
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m) {
@@ -357,14 +363,14 @@ __global__ void __launch_bounds__(kThreads)
       for (int b = 0; b < kKeyBlocksPerTile; ++b) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float lse = row_max[m][h];
+          const float shift = row_max[m][h];
           float sum = 0.f;
 #pragma unroll
           for (int n = b * kNTilesPerKeyBlock; n < (b + 1) * kNTilesPerKeyBlock; ++n) {
-            sum += fast_exp2(fmaf(logits[m][n][2 * h], scale_log2, -lse)) +
-                   fast_exp2(fmaf(logits[m][n][2 * h + 1], scale_log2, -lse));
+            sum += fast_exp2(fmaf(logits[m][n][2 * h], scale_log2, -shift)) +
+                   fast_exp2(fmaf(logits[m][n][2 * h + 1], scale_log2, -shift));
           }
-          block_sums[m][b][h] = sum;
+          block_sums[m][b][h] = sum * row_sum[m][h];
         }
       }
     }
