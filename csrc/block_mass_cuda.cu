@@ -377,8 +377,22 @@ __global__ void __launch_bounds__(kThreads)
 
     const int first_key_block = key_first / block_size_k;
     if (rows_share_block) {
+      // When the warp's m-tiles share one query block too, one reduction covers them all.
+      const bool warp_shares_block = block_size_q % (kMTiles * 16) == 0;
+      if (warp_shares_block) {
+#pragma unroll
+        for (int m = 1; m < kMTiles; ++m) {
+#pragma unroll
+          for (int b = 0; b < kKeyBlocksPerTile; ++b) {
+            block_sums[0][b][0] += block_sums[m][b][0];
+            block_sums[0][b][1] += block_sums[m][b][1];
+          }
+        }
+      }
+      const int num_reduced_tiles = warp_shares_block ? 1 : kMTiles;
 #pragma unroll
       for (int m = 0; m < kMTiles; ++m) {
+        if (m >= num_reduced_tiles) break;  // warp-uniform
         const int tile_row0 = query_first + warp_row0 + m * 16;
         if (tile_row0 >= length) continue;  // warp-uniform
         const int query_block = tile_row0 / block_size_q;
