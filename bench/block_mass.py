@@ -4,8 +4,9 @@ The teacher needs two QK^T passes (row log-sum-exp, then per-block mass) and no 
 should cost about as much as one dense causal forward at the same length. This script times both
 on one GPU, B = 1, for the model shapes below, and writes
 
-    bench/results/block_mass_h100.json   {"device", "date", "commit", "rows": [...]}
-    bench/results/block_mass_h100.md     the same rows as a table
+    bench/results/block_mass_<tag>.json   {"device", "date", "commit", "rows": [...]}
+    bench/results/block_mass_<tag>.md     the same rows as a table
+(<tag> = h100 on an H100, else the device name; --tag overrides it).
 
 Dense baseline: torch scaled_dot_product_attention with only the flash backend enabled, causal,
 query [1, Hq, L, d] and key/value [1, Hq, L, d] (KV heads repeated up front, outside the timing,
@@ -25,13 +26,18 @@ import os
 import subprocess
 import time
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import spot_attention
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+try:
+    import spot_attention
+except ImportError:  # the in-place build under python/
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    import spot_attention
 
 # name: (query heads, KV heads, head dim)
 SHAPES = {
@@ -128,10 +134,13 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--block-size-q", type=int, default=64)
     parser.add_argument("--block-size-k", type=int, default=64)
-    parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "block_mass_h100.json"))
+    parser.add_argument("--tag", help="output name suffix (default: h100 on an H100, else the device name)")
+    parser.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
     args = parser.parse_args()
     if not spot_attention.cuda_available():
         raise SystemExit("bench/block_mass.py needs CUDA and the CUDA build of spot_ops")
+    name = torch.cuda.get_device_name()
+    tag = args.tag or ("h100" if "H100" in name else name.lower().replace(" ", "_").replace("/", "_"))
 
     rows = []
     for length in args.lengths:
@@ -143,19 +152,19 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     result = dict(
-        device=torch.cuda.get_device_name(),
+        device=name,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         commit=git_commit(),
         rows=rows,
     )
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as handle:
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, f"block_mass_{tag}")
+    with open(stem + ".json", "w") as handle:
         json.dump(result, handle, indent=2)
         handle.write("\n")
-    markdown_path = os.path.splitext(args.output)[0] + ".md"
-    with open(markdown_path, "w") as handle:
+    with open(stem + ".md", "w") as handle:
         handle.write(markdown(result))
-    print(f"wrote {args.output} and {markdown_path}")
+    print(f"wrote {stem}.json and {stem}.md")
 
 
 if __name__ == "__main__":
