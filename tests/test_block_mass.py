@@ -8,7 +8,12 @@ import torch
 import spot_attention
 from spot_attention import reference
 
-gpu = pytest.mark.skipif(not spot_attention.cuda_available(), reason="needs CUDA and the CUDA build of spot_ops")
+_needs_cuda = pytest.mark.skipif(not spot_attention.cuda_available(), reason="needs CUDA and the CUDA build of spot_ops")
+
+
+def gpu(test):
+    """Marks a test `gpu` (selectable with -m gpu) and skips it without CUDA."""
+    return pytest.mark.gpu(_needs_cuda(test))
 
 
 def make_inputs(lengths, heads_q, heads_kv, head_dim, dtype, device="cpu", seed=0, spread=1.0, pad_rows=0):
@@ -196,7 +201,8 @@ GPU_CASES = [
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "block_size_q,block_size_k", [(1, 16), (16, 64), (64, 32), (64, 64), (128, 128), (48, 256), (256, 64), (5, 16)]
+    "block_size_q,block_size_k",
+    [(1, 16), (16, 64), (64, 32), (64, 64), (128, 64), (64, 128), (128, 128), (48, 256), (256, 64), (5, 16)],
 )
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"L{'-'.join(map(str, c[0]))}-h{c[1]}x{c[2]}-d{c[3]}")
 def test_gpu_matches_cpu(case, block_size_q, block_size_k, dtype):
@@ -269,3 +275,91 @@ def test_validation_gpu_only_limits():
     query, key, cu_seqlens = make_inputs((20, 12), 4, 2, 96, torch.bfloat16, device="cuda")
     with pytest.raises(ValueError, match="argument 'query'"):
         _call({**good, "query": query, "key": key})
+
+
+def make_peaky_inputs(lengths, heads_q, heads_kv, head_dim, dtype, seed):
+    """Realistic attention statistics: unit-variance queries and keys at the usual 1/sqrt(d) scale,
+    plus a few large-norm keys per sequence (sink-like) and a shared direction that some queries
+    align with, so some rows are nearly one-hot and others spread over many blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    query = torch.randn(total, heads_q, head_dim, generator=generator, dtype=torch.float64)
+    key = torch.randn(total, heads_kv, head_dim, generator=generator, dtype=torch.float64)
+    direction = torch.randn(head_dim, generator=generator, dtype=torch.float64)
+    direction /= direction.norm()
+    start = 0
+    for length in lengths:
+        if length:
+            # Token 0 (a sink) and a few random tokens get keys 6-12x their usual norm along `direction`.
+            chosen = torch.cat([torch.zeros(1, dtype=torch.long), torch.randint(0, length, (3,), generator=generator)])
+            boost = 6 + 6 * torch.rand(len(chosen), heads_kv, 1, generator=generator, dtype=torch.float64)
+            key[start + chosen] += boost * direction * head_dim**0.5
+        start += length
+    aligned = torch.rand(total, heads_q, generator=generator) < 0.3
+    query[aligned] += 2 * direction
+    bounds = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    return query.to(dtype), key.to(dtype), bounds
+
+
+PEAKY_CASES = [
+    # lengths (odd, ragged, shorter than a block, single token), heads_q, heads_kv, head_dim
+    ((611, 1, 45), 8, 8, 64),   # G = 1
+    ((389, 130), 9, 3, 64),     # G = 3
+    ((257, 63, 300), 24, 3, 128),  # G = 8
+    ((500,), 32, 8, 128),       # qwen3-8b heads
+]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size_q,block_size_k", [(64, 64), (128, 64), (64, 128), (1, 64), (16, 16)])
+@pytest.mark.parametrize("case", PEAKY_CASES, ids=lambda c: f"L{'-'.join(map(str, c[0]))}-h{c[1]}x{c[2]}-d{c[3]}")
+def test_gpu_peaky_matches_float64_reference(case, block_size_q, block_size_k, dtype):
+    lengths, heads_q, heads_kv, head_dim = case
+    query, key, cu_seqlens = make_peaky_inputs(lengths, heads_q, heads_kv, head_dim, dtype, seed=23)
+    max_seqlen = max(lengths)
+    scale = head_dim**-0.5
+    want = reference.block_mass(query, key, cu_seqlens, block_size_q, block_size_k, scale, max_seqlen)
+    got = spot_attention.block_mass(query.cuda(), key.cuda(), cu_seqlens.cuda(), max_seqlen, block_size_q,
+                                    block_size_k, scale)
+    assert_relative_close(got, want)
+    check_structure(got, lengths, block_size_q, block_size_k)
+
+
+@gpu
+def test_gpu_per_token_rows_are_softmax_mass():
+    """block_size_q = 1, one head per group: each row is one query's causal softmax summed per key block."""
+    query, key, cu_seqlens = make_peaky_inputs((300,), 2, 2, 128, torch.bfloat16, seed=29)
+    got = spot_attention.block_mass(query.cuda(), key.cuda(), cu_seqlens.cuda(), 300, 1, 32, 0.09)
+    logits = torch.einsum("thd,shd->hts", query.double(), key.double()) * 0.09
+    causal = torch.ones(300, 300, dtype=torch.bool).tril()
+    prob = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+    want = torch.nn.functional.pad(prob, (0, 20)).view(2, 300, 10, 32).sum(-1)
+    assert_relative_close(got[0], want)
+
+
+@gpu
+def test_gpu_sequence_shorter_than_one_block_and_empty_sequences():
+    lengths = (0, 3, 0, 17, 1)
+    query, key, cu_seqlens = make_inputs(lengths, 6, 2, 64, torch.bfloat16, seed=31, spread=1.5)
+    want = reference.block_mass(query, key, cu_seqlens, 64, 64, 0.125, 40)
+    got = spot_attention.block_mass(query.cuda(), key.cuda(), cu_seqlens.cuda(), 40, 64, 64, 0.125)
+    assert_relative_close(got, want)
+    check_structure(got, lengths, 64, 64)
+
+
+@gpu
+def test_gpu_offset_sequences_and_trailing_rows():
+    """cu_seqlens need not start at 0 or cover every row; rows outside are never read into the result."""
+    query, key, _ = make_inputs((400,), 4, 2, 128, torch.float16, seed=37)
+    cu_seqlens = torch.tensor([7, 200, 333], dtype=torch.int32)
+    want = reference.block_mass(query, key, cu_seqlens, 64, 64, 0.1, 193)
+    poisoned_query = query.clone()
+    poisoned_query[:7] = float("nan")
+    poisoned_query[333:] = float("nan")
+    poisoned_key = key.clone()
+    poisoned_key[:7] = float("nan")
+    poisoned_key[333:] = float("nan")
+    got = spot_attention.block_mass(poisoned_query.cuda(), poisoned_key.cuda(), cu_seqlens.cuda(), 193, 64, 64, 0.1)
+    assert_relative_close(got, want)
+    check_structure(got, (193, 133), 64, 64)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# On a GPU host, after scripts/gpu_check.sh has built spot_ops: the kernel benchmarks, each
+# under its own time limit, results in bench/results/ named after the device.
+#   bash scripts/gpu_bench.sh [decode] [prefill] [block_mass]     (default: all three)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/spot_gpu_bench}
+mkdir -p "$OUT" bench/results
+export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+# h100, h200, ...: the results' file suffix
+TAG=${TAG:-$(python3 -c "import re, torch; n = torch.cuda.get_device_name(); m = re.search(r'([A-Z]\d{2,3})', n); print((m.group(1) if m else n.split()[-1]).lower())")}
+LIMIT=${LIMIT:-240}
+benches=("$@")
+[ ${#benches[@]} -eq 0 ] && benches=(decode prefill block_mass)
+for bench in "${benches[@]}"; do
+  start=$(date +%s)
+  case "$bench" in
+    decode) args=(bench/decode.py --tag "$TAG" --time-limit $((LIMIT - 40))) ;;
+    prefill) args=(bench/prefill.py --output "bench/results/prefill_$TAG.json" --time-limit $((LIMIT - 40))) ;;
+    block_mass) args=(bench/block_mass.py --tag "$TAG") ;;
+    *) echo "unknown benchmark $bench" >&2; exit 2 ;;
+  esac
+  timeout "$LIMIT" python3 "${args[@]}" >"$OUT/$bench.log" 2>&1
+  echo "== $bench: exit $? in $(( $(date +%s) - start )) s"
+  tail -25 "$OUT/$bench.log"
+done
