@@ -83,6 +83,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_prefill(const at::Tensor& query, const
   if (on_cuda) {
     SPOT_CHECK_ARG(head_dim == 64 || head_dim == 128, kOp, "query",
                    "dim 2 (head_dim) must be 64 or 128 on CUDA, got ", head_dim);
+    // Both CUDA kernels move rows with 16-byte copies (cp.async / TMA).
+    for (const auto& [tensor, arg] : {std::pair<const at::Tensor&, const char*>{query, "query"},
+                                      std::pair<const at::Tensor&, const char*>{key, "key"},
+                                      std::pair<const at::Tensor&, const char*>{value, "value"}}) {
+      SPOT_CHECK_ARG(reinterpret_cast<uintptr_t>(tensor.data_ptr()) % 16 == 0, kOp, arg,
+                     "must have a 16-byte aligned data pointer on CUDA (e.g. not a view at an odd offset)");
+    }
   }
 
   SPOT_CHECK_ARG(cu_seqlens.size(0) >= 2, kOp, "cu_seqlens", "must hold at least 2 bounds (batch >= 1), got ",

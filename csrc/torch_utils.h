@@ -1,18 +1,63 @@
 // Input checks shared by the op entries. Every message names the argument and what was expected.
 #pragma once
 
+#include <cstdio>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include "spot/params.h"
 
+// Messages are assembled here rather than by streaming into an ostream (c10::str): numbers
+// streamed from this library crashed in processes that had loaded a second libstdc++ (its locale
+// facets did not match), so numbers go through std::to_string / snprintf, which use no facets.
 #define SPOT_CHECK_ARG(COND, OP, ARG, ...) \
-  TORCH_CHECK_VALUE(COND, "spot.", OP, ": argument '", ARG, "' ", __VA_ARGS__)
+  TORCH_CHECK_VALUE(COND, ::spot::message("spot.", OP, ": argument '", ARG, "' ", __VA_ARGS__))
 
 namespace spot {
+namespace message_detail {
+
+inline void append(std::string& out, const char* text) { out += text; }
+inline void append(std::string& out, std::string_view text) { out.append(text); }
+inline void append(std::string& out, const std::string& text) { out += text; }
+inline void append(std::string& out, char letter) { out += letter; }
+inline void append(std::string& out, bool flag) { out += flag ? "true" : "false"; }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+void append(std::string& out, T number) {
+  out += std::to_string(number);
+}
+template <typename T, std::enable_if_t<std::is_floating_point_v<T>, int> = 0>
+void append(std::string& out, T number) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.9g", double(number));
+  out += text;
+}
+template <typename T, std::enable_if_t<std::is_enum_v<T> && !std::is_same_v<T, c10::ScalarType>, int> = 0>
+void append(std::string& out, T value) {
+  out += std::to_string(static_cast<std::underlying_type_t<T>>(value));
+}
+inline void append(std::string& out, c10::ScalarType dtype) { out += c10::toString(dtype); }
+inline void append(std::string& out, const c10::Device& device) { out += device.str(); }
+inline void append(std::string& out, c10::IntArrayRef values) {
+  out += '[';
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(values[i]);
+  }
+  out += ']';
+}
+
+}  // namespace message_detail
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string out;
+  (message_detail::append(out, args), ...);
+  return out;
+}
 
 inline void check_device(const at::Tensor& tensor, const at::Tensor& reference, const char* op,
                          const char* arg) {

@@ -11,7 +11,10 @@ import torch
 import spot_attention
 from spot_attention import reference
 
-gpu = pytest.mark.skipif(not spot_attention.cuda_available(), reason="needs CUDA and the CUDA build of spot_ops")
+def gpu(test):
+    """Marks a test `gpu` (selectable with -m gpu) and skips it without CUDA."""
+    skip = pytest.mark.skipif(not spot_attention.cuda_available(), reason="needs CUDA and the CUDA build of spot_ops")
+    return pytest.mark.gpu(skip(test))
 
 FORMATS = ("dense", "int4", "mxfp4", "nvfp4")
 

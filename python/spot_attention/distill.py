@@ -139,8 +139,12 @@ def teacher_token_mass(query: torch.Tensor, key: torch.Tensor, scaling: float, b
     """Per-token block mass float32 [B, Hkv, L, NK] (``spot.block_mass`` with block_size_q = 1;
     the reference where the compiled op is missing). query [B, Hq, L, d]; key [B, Hkv, L, d]."""
     batch, heads_q, length, dim = query.shape
-    packed_q = query.transpose(1, 2).reshape(batch * length, heads_q, dim).float().contiguous()
-    packed_k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim).float().contiguous()
+    # The CUDA kernel reads 16-bit activations (fp32 accumulation); the CPU kernel takes fp32.
+    dtype = torch.float32
+    if query.is_cuda:
+        dtype = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    packed_q = query.transpose(1, 2).reshape(batch * length, heads_q, dim).to(dtype).contiguous()
+    packed_k = key.transpose(1, 2).reshape(batch * length, key.shape[1], dim).to(dtype).contiguous()
     cu_seqlens = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=query.device)
     try:
         from . import ops
