@@ -2,6 +2,7 @@
 # On a GPU host, after scripts/gpu_check.sh has built spot_ops: the kernel benchmarks, each
 # under its own time limit, results in bench/results/ named after the device.
 #   bash scripts/gpu_bench.sh [decode] [prefill] [block_mass]     (default: all three)
+# LIMIT (seconds per benchmark) and DECODE_ARGS / PREFILL_ARGS / MASS_ARGS (extra arguments) narrow a run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spot_gpu_bench}
@@ -16,9 +17,10 @@ benches=("$@")
 for bench in "${benches[@]}"; do
   start=$(date +%s)
   case "$bench" in
-    decode) args=(bench/decode.py --tag "$TAG" --time-limit $((LIMIT - 40))) ;;
-    prefill) args=(bench/prefill.py --output "bench/results/prefill_$TAG.json" --time-limit $((LIMIT - 40))) ;;
-    block_mass) args=(bench/block_mass.py --tag "$TAG") ;;
+    decode) args=(bench/decode.py --tag "$TAG" --time-limit $((LIMIT * 3 / 4)) ${DECODE_ARGS:-}) ;;
+    prefill) args=(bench/prefill.py --output "bench/results/prefill_$TAG.json" --time-limit $((LIMIT * 3 / 4))
+                   ${PREFILL_ARGS:-}) ;;
+    block_mass) args=(bench/block_mass.py --tag "$TAG" ${MASS_ARGS:-}) ;;
     *) echo "unknown benchmark $bench" >&2; exit 2 ;;
   esac
   timeout "$LIMIT" python3 "${args[@]}" >"$OUT/$bench.log" 2>&1
