@@ -139,20 +139,20 @@ def main() -> None:
     args = parser.parse_args()
     if not spot_attention.cuda_available():
         raise SystemExit("bench/block_mass.py needs CUDA and the CUDA build of spot_ops")
-    name = torch.cuda.get_device_name()
-    tag = args.tag or ("h100" if "H100" in name else name.lower().replace(" ", "_").replace("/", "_"))
+    device_name = torch.cuda.get_device_name()
+    tag = args.tag or ("h100" if "H100" in device_name else device_name.lower().replace(" ", "_").replace("/", "_"))
 
     rows = []
     for length in args.lengths:
-        for name in args.shapes:
-            for row in bench_shape(name, length, args.block_size_q, args.block_size_k):
+        for shape in args.shapes:
+            for row in bench_shape(shape, length, args.block_size_q, args.block_size_k):
                 print(f"{row['shape']:<32} L={row['L']:>7}  {row['method']:<36} {row['us']:>12.1f} us  "
                       f"x{row['ratio_vs_dense']:.3f}", flush=True)
                 rows.append(row)
             torch.cuda.empty_cache()
 
     result = dict(
-        device=name,
+        device=device_name,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         commit=git_commit(),
         rows=rows,
