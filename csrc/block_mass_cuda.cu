@@ -26,12 +26,15 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "launchers.h"
+#include "spot/cuda/mma_sm80.cuh"
 #include "spot/dispatch.h"
 #include "spot/numeric.h"
 
 namespace spot {
 
 namespace {
+
+using namespace ::spot::ptx;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
@@ -54,63 +57,8 @@ struct TileShape {
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][kHeadDim] tile.
 template <int kHeadDim>
-__device__ __forceinline__ uint32_t swizzled_offset(int row, int chunk) {
+__device__ __forceinline__ uint32_t swizzled_byte_offset(int row, int chunk) {
   return uint32_t(row * kHeadDim * 2 + ((chunk ^ (row & 7)) << 4));
-}
-
-__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
-  return uint32_t(__cvta_generic_to_shared(pointer));
-}
-
-// 16 bytes global -> shared; zero-filled (nothing read) when !valid.
-__device__ __forceinline__ void copy_async_16(uint32_t destination, const void* source, bool valid) {
-  const int source_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(source),
-               "r"(source_bytes));
-}
-
-__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int kPending>
-__device__ __forceinline__ void copy_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-__device__ __forceinline__ void load_matrix_x4(uint32_t address, uint32_t (&fragment)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
-               : "r"(address));
-}
-
-template <typename scalar_t>
-struct Mma;
-
-template <>
-struct Mma<bfloat16_t> {
-  __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-template <>
-struct Mma<half_t> {
-  __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 __device__ __forceinline__ float quad_max(float value) {
@@ -186,9 +134,9 @@ __global__ void __launch_bounds__(kThreads)
     const bool valid = token < length;
     const scalar_t* source =
         valid ? query + int64_t(sequence_start + token) * query_row_stride + head * kHeadDim + chunk * 8 : query;
-    copy_async_16(query_shared + swizzled_offset<kHeadDim>(row, chunk), source, valid);
+    cp_async_16(query_shared + swizzled_byte_offset<kHeadDim>(row, chunk), source, valid);
   }
-  copy_async_commit();
+  cp_async_commit();
 
   auto load_key_tile = [&](int key_tile, int buffer) {
     const uint32_t base = key_shared + buffer * Shape::kKeyBytes;
@@ -199,9 +147,9 @@ __global__ void __launch_bounds__(kThreads)
       const bool valid = token < length;
       const scalar_t* source =
           valid ? key + int64_t(sequence_start + token) * key_row_stride + kv_head * kHeadDim + chunk * 8 : key;
-      copy_async_16(base + swizzled_offset<kHeadDim>(row, chunk), source, valid);
+      cp_async_16(base + swizzled_byte_offset<kHeadDim>(row, chunk), source, valid);
     }
-    copy_async_commit();
+    cp_async_commit();
   };
 
   // The two sweeps are one stream of 2 * num_key_tiles tiles, so the prefetch runs across the
@@ -209,7 +157,7 @@ __global__ void __launch_bounds__(kThreads)
   const int num_steps = 2 * num_key_tiles;
   load_key_tile(0, 0);
 
-  copy_async_wait<1>();  // the query tile (the older group) has landed
+  cp_async_wait<1>();  // the query tile (the older group) has landed
   __syncthreads();
 
   // Q fragments: m-tile t of this warp covers rows warp_row0 + 16 t .. + 15.
@@ -221,7 +169,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < Shape::kKSteps; ++k) {
       const int row = warp_row0 + m * 16 + (lane % 16);
       const int chunk = k * 2 + lane / 16;
-      load_matrix_x4(query_shared + swizzled_offset<kHeadDim>(row, chunk), query_fragment[m][k]);
+      ldmatrix_x4(query_shared + swizzled_byte_offset<kHeadDim>(row, chunk), query_fragment[m][k]);
     }
   }
 
@@ -260,9 +208,9 @@ __global__ void __launch_bounds__(kThreads)
     if (step + 1 < num_steps) {
       const int next = step + 1;
       load_key_tile(next < num_key_tiles ? next : next - num_key_tiles, next & 1);
-      copy_async_wait<1>();
+      cp_async_wait<1>();
     } else {
-      copy_async_wait<0>();
+      cp_async_wait<0>();
     }
     __syncthreads();
 
@@ -285,11 +233,11 @@ __global__ void __launch_bounds__(kThreads)
         const int row = n * 8 + (lane / 16) * 8 + (lane % 8);
         const int chunk = k * 2 + (lane / 8) % 2;
         uint32_t key_fragment[4];
-        load_matrix_x4(key_base + swizzled_offset<kHeadDim>(row, chunk), key_fragment);
+        ldmatrix_x4(key_base + swizzled_byte_offset<kHeadDim>(row, chunk), key_fragment);
 #pragma unroll
         for (int m = 0; m < kMTiles; ++m) {
-          Mma<scalar_t>::run(logits[m][n], query_fragment[m][k], key_fragment[0], key_fragment[1]);
-          Mma<scalar_t>::run(logits[m][n + 1], query_fragment[m][k], key_fragment[2], key_fragment[3]);
+          mma_16816<scalar_t>(logits[m][n], query_fragment[m][k], key_fragment[0], key_fragment[1]);
+          mma_16816<scalar_t>(logits[m][n + 1], query_fragment[m][k], key_fragment[2], key_fragment[3]);
         }
       }
     }

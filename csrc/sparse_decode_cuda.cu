@@ -32,11 +32,14 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "launchers.h"
+#include "spot/cuda/mma_sm80.cuh"
 #include "spot/dispatch.h"
 #include "spot/numeric.h"
 
 namespace spot {
 namespace {
+
+using namespace ::spot::ptx;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
@@ -76,90 +79,6 @@ struct DecodeConfig {
   static_assert(size_t(kWarps) * kHeadRows * kHeadDim * sizeof(float) <= 2 * kKeyBytes,
                 "merge buffer must fit in the pipeline's shared memory");
 };
-
-// ------------------------------------------------------------------------------------------
-// PTX helpers
-// ------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_address(const void* pointer) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-
-// 16-byte global -> shared copy that bypasses L1; src_bytes 0 writes zeros without reading.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&regs)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(regs[0]), "=r"(regs[1]), "=r"(regs[2]), "=r"(regs[3])
-               : "r"(address));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&regs)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(regs[0]), "=r"(regs[1]), "=r"(regs[2]), "=r"(regs[3])
-               : "r"(address));
-}
-
-// D += A B with A [16 x 16] row-major, B [16 x 8] col-major, fp32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<bfloat16_t>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                      uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<half_t>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float low, float high);
-
-template <>
-__device__ __forceinline__ uint32_t pack_pair<bfloat16_t>(float low, float high) {
-  const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
-  return *reinterpret_cast<const uint32_t*>(&pair);
-}
-
-template <>
-__device__ __forceinline__ uint32_t pack_pair<half_t>(float low, float high) {
-  const __half2 pair = __floats2half2_rn(low, high);
-  return *reinterpret_cast<const uint32_t*>(&pair);
-}
-
-// Element offset of 16-byte chunk `chunk` of tile row `row`: the chunk index is XORed with the
-// row's low 3 bits, so the 8 rows an ldmatrix phase reads land in 8 different bank groups.
-template <int kHeadDim>
-__device__ __forceinline__ int swizzled_offset(int row, int chunk) {
-  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
-}
-
-// 2^x with one MUFU op; exact enough for softmax weights, and 2^-inf = 0.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // ------------------------------------------------------------------------------------------
 // Split-KV attention kernel
@@ -269,8 +188,8 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDec
       const T* key_src = valid ? key_cache + key_offset + chunk * 8 : key_cache;
       const T* value_src = valid ? value_cache + row_value_offset[info + tile_row] + chunk * 8 : value_cache;
       const int offset = swizzled_offset<kHeadDim>(tile_row, chunk);
-      cp_async_16(smem_address(key_stage + offset), key_src, valid ? 16 : 0);
-      cp_async_16(smem_address(value_stage + offset), value_src, valid ? 16 : 0);
+      cp_async_16(shared_address(key_stage + offset), key_src, valid);
+      cp_async_16(shared_address(value_stage + offset), value_src, valid);
     }
   };
 
@@ -341,14 +260,15 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDec
 #pragma unroll
       for (int k = 0; k < kKSteps; ++k) {
         uint32_t key_frag[4];
-        ldmatrix_x4(key_frag, smem_address(key_stage + swizzled_offset<kHeadDim>(key_row, k * 2 + matrix % 2)));
+        ldmatrix_x4(shared_address(key_stage + swizzled_offset<kHeadDim>(key_row, k * 2 + matrix % 2)), key_frag);
         if constexpr (Config::kQueryInRegisters) {
           mma_16816<T>(scores[0], query_frag[k], key_frag[0], key_frag[1]);
           mma_16816<T>(scores[1], query_frag[k], key_frag[2], key_frag[3]);
         } else {
           // A operand: matrices (rows 0-7 | 8-15) x (dims k16 + 0-7 | 8-15).
           const int query_row = (matrix % 2) * 8 + lane % 8;
-          ldmatrix_x4(query_frag[0], smem_address(query_tile + swizzled_offset<kHeadDim>(query_row, k * 2 + matrix / 2)));
+          ldmatrix_x4(shared_address(query_tile + swizzled_offset<kHeadDim>(query_row, k * 2 + matrix / 2)),
+                      query_frag[0]);
           mma_16816<T>(scores[0], query_frag[0], key_frag[0], key_frag[1]);
           mma_16816<T>(scores[1], query_frag[0], key_frag[2], key_frag[3]);
         }
@@ -410,8 +330,8 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDec
 #pragma unroll
       for (int n = 0; n < kDimTiles; n += 2) {
         uint32_t value_frag[4];
-        ldmatrix_x4_trans(value_frag,
-                          smem_address(value_stage + swizzled_offset<kHeadDim>(value_row, n + matrix / 2)));
+        ldmatrix_x4_transposed(shared_address(value_stage + swizzled_offset<kHeadDim>(value_row, n + matrix / 2)),
+                               value_frag);
         mma_16816<T>(out_acc[n], weight_frag, value_frag[0], value_frag[1]);
         mma_16816<T>(out_acc[n + 1], weight_frag, value_frag[2], value_frag[3]);
       }

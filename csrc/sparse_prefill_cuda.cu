@@ -23,12 +23,15 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "launchers.h"
+#include "spot/cuda/mma_sm80.cuh"
 #include "spot/dispatch.h"
 #include "spot/numeric.h"
 
 namespace spot {
 
 namespace {
+
+using namespace ::spot::ptx;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
@@ -41,92 +44,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // ------------------------------------------------------------------------------------------
-// PTX wrappers
-// ------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-
-// 16-byte global -> shared copy through L2 only; `valid == false` writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async_16(uint32_t destination, const void* source, bool valid) {
-  const int source_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(source),
-               "r"(source_bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t address, uint32_t (&fragment)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
-               : "r"(address));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_transposed(uint32_t address, uint32_t (&fragment)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
-               : "r"(address));
-}
-
-// D += A * B for one m16n8k16 tile, fp32 accumulators.
-template <typename scalar_t>
-__device__ __forceinline__ void mma_16816(float (&accumulator)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<bfloat16_t>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<half_t>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// Two floats -> one register of two 16-bit values, `low` in the low half (the element with the
-// smaller column index in an mma fragment).
-template <typename scalar_t>
-__device__ __forceinline__ uint32_t pack_pair(float low, float high);
-
-template <>
-__device__ __forceinline__ uint32_t pack_pair<bfloat16_t>(float low, float high) {
-  const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
-  return *reinterpret_cast<const uint32_t*>(&pair);
-}
-
-template <>
-__device__ __forceinline__ uint32_t pack_pair<half_t>(float low, float high) {
-  const __half2 pair = __floats2half2_rn(low, high);
-  return *reinterpret_cast<const uint32_t*>(&pair);
-}
-
-// ------------------------------------------------------------------------------------------
 // Shared-memory layout
 // ------------------------------------------------------------------------------------------
 
-// Row-major [rows][kHeadDim] tiles in 16-byte chunks, chunk index XOR (row % 8): the 8 row
-// addresses of one ldmatrix phase then fall in 8 different bank groups instead of one.
-template <int kHeadDim>
-__device__ __forceinline__ int swizzled_offset(int row, int chunk) {
-  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
-}
-
+// Row-major [rows][kHeadDim] tiles, swizzled (ptx::swizzled_offset) so ldmatrix reads are free
+// of bank conflicts.
 template <typename scalar_t, int kHeadDim>
 struct SharedStorage {
   scalar_t query[kTileRows * kHeadDim];     // also stages the output tile in the epilogue
@@ -367,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_prefill_mma_kernel(const S
 
   int stage = 0;
   while (true) {
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();  // this stage (and the query tile) landed; the other stage is free
     const KeyTile upcoming = walker.next(current, tiles_per_block);
     if (upcoming.block >= 0) {
