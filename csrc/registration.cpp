@@ -1,6 +1,6 @@
 // The table of contents of the spot_ops extension: every op's schema, and the entry that serves
 // it. Each entry (csrc/<op>.cpp) validates its inputs once and then runs the CPU reference kernel
-// (csrc/<op>_cpu.cpp) or the CUDA launcher (csrc/<op>.cu) by the inputs' device, so the same
+// (csrc/<op>_cpu.cpp) or the CUDA launcher (csrc/<op>_cuda.cu) by the inputs' device, so the same
 // function is registered for both dispatch keys. Fake (meta) kernels live in
 // python/spot_attention/ops.py.
 #include <Python.h>

@@ -1,5 +1,5 @@
 // Plain parameter structs: the boundary between the torch-facing op entries (csrc/<op>.cpp) and
-// the kernels (csrc/<op>_cpu.cpp, csrc/<op>.cu, include/spot/kernels/). No torch types below
+// the kernels (csrc/<op>_cpu.cpp, csrc/<op>_cuda.cu, include/spot/cuda/). No torch types below
 // this line, so kernels and C++ benchmarks build without libtorch headers.
 #pragma once
 
