@@ -23,57 +23,15 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
-import time
-
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-try:
-    import spot_attention
-except ImportError:  # the in-place build under python/
-    sys.path.insert(0, os.path.join(ROOT, "python"))
-    import spot_attention
+from benchlib import MODEL_SHAPES as SHAPES
+from benchlib import ROOT, git_commit, import_spot_attention, time_us
 
-# name: (query heads, KV heads, head dim)
-SHAPES = {
-    "qwen3-8b": (32, 8, 128),
-    "smollm2": (9, 3, 64),
-}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def time_us(function, min_iterations: int = 3, budget_s: float = 2.0) -> float:
-    """Median microseconds per call: one warm-up call, then as many calls as fit the budget."""
-    function()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    function()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - start
-    iterations = max(min_iterations, min(50, int(budget_s / max(first, 1e-6))))
-    times = []
-    for _ in range(iterations):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        function()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) * 1000.0)
-    times.sort()
-    return times[len(times) // 2]
+spot_attention = import_spot_attention()
 
 
 def bench_shape(name: str, length: int, block_size_q: int, block_size_k: int, seed: int = 0) -> list[dict]:

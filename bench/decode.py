@@ -24,13 +24,14 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 
 import torch
 import torch.nn.functional as F
+
+from benchlib import git_commit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 try:
@@ -372,13 +373,6 @@ def plot(result, path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def main(argv=None) -> int:

@@ -30,61 +30,21 @@ import contextlib
 import datetime
 import json
 import os
-import subprocess
-import sys
 import time
 import traceback
 
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-try:
-    import spot_attention
-except ImportError:  # an in-place build that is not installed
-    sys.path.insert(0, os.path.join(ROOT, "python"))
-    import spot_attention
-from spot_attention import ops
+from benchlib import MODEL_SHAPES as SHAPES
+from benchlib import ROOT, git_commit, import_spot_attention, time_us
+
+spot_attention = import_spot_attention()
+from spot_attention import ops  # noqa: E402
+
 BLOCK = 64
 SELECTOR_DIM = 64
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
-
-# name: (query heads, KV heads, head dim)
-SHAPES = {
-    "qwen3-8b": (32, 8, 128),
-    "smollm2": (9, 3, 64),
-}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def time_us(function, budget_s: float, min_iterations: int = 3, max_iterations: int = 30) -> float:
-    """Median microseconds per call: one warm-up call, then as many calls as fit the budget."""
-    function()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    function()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - start
-    iterations = max(min_iterations, min(max_iterations, int(budget_s / max(first, 1e-6))))
-    times = []
-    for _ in range(iterations):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        function()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) * 1000.0)
-    times.sort()
-    return times[len(times) // 2]
-
 
 def random_selection(num_blocks: int, heads_kv: int, density: float, generator: torch.Generator):
     """Block lists of one sequence: block 0 (sink) plus each other earlier block with probability
@@ -156,7 +116,7 @@ def bench_shape(name: str, length: int, budget_s: float, impls=("auto",), seed: 
 
     def record(method, density, function, flops, **extra):
         try:
-            us = time_us(function, budget_s)
+            us = time_us(function, budget_s, max_iterations=30)
         except Exception as error:  # noqa: BLE001 - a failing method is recorded, the run goes on
             traceback.print_exc()
             rows.append(error_row(shape, length, density, method, error))

@@ -1,0 +1,63 @@
+"""Pieces the GPU benchmarks share: the model shapes they sweep, the commit they record and the
+CUDA-event timer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name: (query heads, KV heads, head dim)
+MODEL_SHAPES = {
+    "qwen3-8b": (32, 8, 128),
+    "smollm2": (9, 3, 64),
+}
+
+
+def import_spot_attention():
+    """The installed package, or the in-place build under python/ when it is not installed."""
+    try:
+        import spot_attention
+    except ImportError:
+        sys.path.insert(0, os.path.join(ROOT, "python"))
+        import spot_attention
+    return spot_attention
+
+
+def git_commit() -> str:
+    """SPOT_COMMIT when set (a copied tree without .git, e.g. on a GPU host), else git's HEAD."""
+    if os.environ.get("SPOT_COMMIT"):
+        return os.environ["SPOT_COMMIT"]
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def time_us(function, budget_s: float = 2.0, min_iterations: int = 3, max_iterations: int = 50) -> float:
+    """Median microseconds per call: one warm-up call, then as many CUDA-event timed calls as fit
+    the budget (at least ``min_iterations``, at most ``max_iterations``)."""
+    function()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    function()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    iterations = max(min_iterations, min(max_iterations, int(budget_s / max(first, 1e-6))))
+    times = []
+    for _ in range(iterations):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        function()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) * 1000.0)
+    times.sort()
+    return times[len(times) // 2]
