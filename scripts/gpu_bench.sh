@@ -2,7 +2,8 @@
 # On a GPU host, after scripts/gpu_check.sh has built spot_ops: the kernel benchmarks, each
 # under its own time limit, results in bench/results/ named after the device.
 #   bash scripts/gpu_bench.sh [decode] [prefill] [block_mass]     (default: all three)
-# LIMIT (seconds per benchmark) and DECODE_ARGS / PREFILL_ARGS / MASS_ARGS (extra arguments) narrow a run.
+# LIMIT (seconds per benchmark) and DECODE_ARGS / PREFILL_ARGS / MASS_ARGS (extra arguments) narrow a run;
+# SPOT_COMMIT=<hash> records the commit where the tree has no .git (a copied tree on a GPU host).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spot_gpu_bench}
