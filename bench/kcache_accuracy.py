@@ -1,11 +1,13 @@
 """What each selector K-cache format costs in accuracy, on the default model.
 
 For bf16 and each 4-bit format (int4, mxfp4, nvfp4) the shipped selector scores every query
-block against the selector keys as that cache hands them back (``prefill_reads_kcache``), at the
-calibrated per-layer top_p; the evaluation harness reports attention-mass recall, blocks read and
-the perplexity change against dense attention on held-out documents.
+block against the selector keys as that cache hands them back (``prefill_reads_kcache``); the
+evaluation harness reports attention-mass recall, blocks read and the perplexity change against
+dense attention on held-out documents. By default every format runs at the shipped per-layer
+top_p; ``--calibrate`` first calibrates top_p per format (same recall target, windows and
+lengths as the shipped calibration), so the formats are compared at equal target recall.
 
-    python bench/kcache_accuracy.py [--length 8192] [--docs 2] [--device cuda]
+    python bench/kcache_accuracy.py [--length 8192] [--docs 2] [--device cuda] [--calibrate]
 
 Writes bench/results/kcache.json, kcache.md and kcache.png.
 """
@@ -84,6 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--out", default=os.path.join("bench", "results", "kcache.json"))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--calibrate", action="store_true", help="calibrate top_p per format first")
     args = parser.parse_args(argv)
 
     device = cli.pick_device(args.device)
@@ -97,9 +100,21 @@ def main(argv=None) -> int:
     handle = hf.attach(model, method=next(iter(methods.values())), layers=sorted(selectors.layers),
                        measure_recall=True)
     rank = int(selectors.config.selector_dim)
+    shipped_top_p = dict(selectors.config.top_p or {})
+    shipped_format = selectors.config.kcache_format
+    calibration = dict((selectors.config.training or {}).get("calibration") or {})
     result = None
     rows = []
     for fmt, method in methods.items():
+        selectors.config.top_p = dict(shipped_top_p)
+        if args.calibrate:
+            from spot_attention.policy import calibrate_selectors
+
+            selectors.config.kcache_format = method.kcache_format
+            calibrate_selectors(selectors, model, tokenizer, target_recall=calibration.get("target_recall", 0.95),
+                                context=calibration.get("contexts", [2048, 4096]),
+                                windows=calibration.get("windows", 4), prefill_reads_kcache=True)
+            selectors.config.kcache_format = shipped_format
         evaluated = harness.run_eval(model, handle, documents, [args.length], [method], docs_per_length=args.docs,
                                      progress=not args.no_progress, log=print)
         row = evaluated["rows"][0]
@@ -113,6 +128,7 @@ def main(argv=None) -> int:
             "kl": row["kl"],
             "ppl": row["ppl"],
             "ppl_dense": row["ppl_dense"],
+            "top_p_mean": sum(selectors.config.top_p.values()) / len(selectors.config.top_p),
         })
         result = evaluated
         print(f"{fmt}: recall {row['recall']:.4f}, ppl delta {row['ppl_delta_pct']:+.2f}%, "
@@ -128,6 +144,7 @@ def main(argv=None) -> int:
         "rank": rank,
         "documents": result["documents"],
         "dtype": result["dtype"],
+        "top_p": "calibrated per format" if args.calibrate else "shipped",
         "command": "python bench/kcache_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rows": rows,
     }

@@ -282,13 +282,16 @@ def calibrate_top_p(
 
 @torch.no_grad()
 def selector_rows(selector, query: torch.Tensor, key: torch.Tensor, scaling: float, token_rows: int = 256,
-                  generator: torch.Generator | None = None, kcache_format: str = "dense"
-                  ) -> dict[str, CalibrationRows]:
+                  generator: torch.Generator | None = None, kcache_format: str = "dense",
+                  prefill_reads_kcache: bool = False) -> dict[str, CalibrationRows]:
     """Prefill rows (every query block) and decode rows (``token_rows`` random positions) of one
     layer, scored the way the integration scores them: complete blocks only, the partial local
     block visible but unscored; decode rows read the selector keys through the K-cache format
-    (4-bit round trip, global scale 1 as the integration's cache uses), prefill rows the float
-    keys. query [B, Hq, L, d]; key [B, Hkv, L, d] post-RoPE."""
+    (the 4-bit round trip of the integration's cache, ``kcache_round_trip``), prefill rows the
+    float keys, or with ``prefill_reads_kcache`` the keys as the cache returns them (bf16 for
+    "dense"), as ``LearnedSelection(prefill_reads_kcache=True)`` scores them.
+    query [B, Hq, L, d]; key [B, Hkv, L, d] post-RoPE."""
+    from .integrations.hf import kcache_round_trip
     from .distill import prefill_targets, teacher_token_mass
 
     block = selector.block_size
@@ -303,7 +306,10 @@ def selector_rows(selector, query: torch.Tensor, key: torch.Tensor, scaling: flo
     nq = pooled.shape[2]
     row = torch.arange(nq, device=query.device)
     scored = torch.clamp(row + 1, max=complete)[None].expand(batch, -1)
-    scores = selector.logits(pooled, key_features, scored)
+    prefill_keys = key_features
+    if prefill_reads_kcache and complete > 0:
+        prefill_keys = kcache_round_trip(key_features, kcache_format)
+    scores = selector.logits(pooled, prefill_keys, scored)
     scores = torch.nn.functional.pad(scores, (0, nk - complete), value=float("-inf"))
     prefill = CalibrationRows(scores, (row + 1)[None].expand(batch, -1), prefill_targets(token_mass, block))
 
@@ -312,9 +318,8 @@ def selector_rows(selector, query: torch.Tensor, key: torch.Tensor, scaling: flo
     scored = ((positions + 1) // block).clamp(max=complete)
     visible = (positions + block) // block  # blocks touching [0, t]
     cached_keys = key_features
-    if kcache_format != "dense" and complete > 0:
-        codes, scales = reference.pack_kcache(key_features, kcache_format)
-        cached_keys = reference.unpack_kcache(codes, scales, kcache_format)
+    if (kcache_format != "dense" or prefill_reads_kcache) and complete > 0:
+        cached_keys = kcache_round_trip(key_features, kcache_format)
     scores = selector.logits(query_features[:, :, positions], cached_keys, scored[None].expand(batch, -1))
     scores = torch.nn.functional.pad(scores, (0, nk - complete), value=float("-inf"))
     decode = CalibrationRows(scores, visible[None].expand(batch, -1), token_mass[:, :, positions])
@@ -331,6 +336,7 @@ def calibrate_selectors(
     token_rows: int = 256,
     seed: int = 0,
     split: str = "calibration",
+    prefill_reads_kcache: bool = False,
 ) -> dict[str, Any]:
     """Captures ``windows`` windows of each ``context`` length from the calibration split, scores
     them with the selectors and sets ``selectors.config.top_p`` per layer (prefill and decode rows
@@ -350,7 +356,8 @@ def calibrate_selectors(
         captured = capture_window(model, window[None], selectors.layers)
         for layer, (query, key, scaling) in captured.items():
             parts = selector_rows(selectors[layer], query, key, scaling, token_rows, generator,
-                                  kcache_format=selectors.config.kcache_format)
+                                  kcache_format=selectors.config.kcache_format,
+                                  prefill_reads_kcache=prefill_reads_kcache)
             rows[layer].extend(parts.values())
         del captured
     result = calibrate_top_p(selectors, rows, target_recall)
@@ -362,6 +369,7 @@ def calibrate_selectors(
         "sink_blocks": selectors.config.sink_blocks,
         "local_blocks": selectors.config.local_blocks,
         "kcache_format": selectors.config.kcache_format,
+        "prefill_reads_kcache": prefill_reads_kcache,
         "files": sorted({record["path"] for record in used}),
         "fraction_read": {str(layer): round(item["fraction_read"], 4) for layer, item in result.items()},
         "recall": {str(layer): round(item["recall"], 4) for layer, item in result.items()},

@@ -358,7 +358,7 @@ class LearnedSelection(SelectionMethod):
             store.truncate(0)
             store.append(key_blocks)
         if self.prefill_reads_kcache and complete > 0:
-            key_blocks = _kcache_round_trip(key_blocks, self.kcache_format)
+            key_blocks = kcache_round_trip(key_blocks, self.kcache_format)
         # Query block i scores the complete blocks 0..i; its diagonal is kept as a local block.
         row = torch.arange(num_blocks, device=query.device, dtype=torch.int32)
         scored = torch.clamp(row + 1, max=complete)[None].expand(batch, -1).contiguous()
@@ -398,7 +398,7 @@ class LearnedSelection(SelectionMethod):
         )
 
 
-def _kcache_round_trip(keys: torch.Tensor, fmt: str) -> torch.Tensor:
+def kcache_round_trip(keys: torch.Tensor, fmt: str) -> torch.Tensor:
     """The selector keys as the K-cache hands them back: bf16 for "dense", else through a
     4-bit ``SelectorKeyStore`` (its own nvfp4 per-tensor scale rule included)."""
     if fmt == "dense":
