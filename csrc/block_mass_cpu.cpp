@@ -21,6 +21,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "cpu_clones.h"
 #include "launchers.h"
 #include "spot/dispatch.h"
 #include "spot/numeric.h"
@@ -29,12 +30,6 @@ namespace spot {
 
 namespace {
 
-// Hot loops are compiled twice, for AVX2 + FMA and for the baseline ISA, picked at load time.
-#if defined(__GNUC__) && defined(__x86_64__)
-#define SPOT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define SPOT_CPU_CLONES
-#endif
 #define SPOT_CPU_INLINE inline __attribute__((always_inline))
 
 // Eight floats: one AVX register, or two SSE registers in the baseline build.

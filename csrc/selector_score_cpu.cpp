@@ -10,6 +10,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "cpu_clones.h"
 #include "launchers.h"
 #include "selector_keys_cpu.h"
 #include "spot/dispatch.h"
@@ -17,12 +18,6 @@
 namespace spot {
 
 namespace {
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define SPOT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define SPOT_CPU_CLONES
-#endif
 
 constexpr int kRowsPerTask = 32;
 
