@@ -9,6 +9,7 @@
 
 #include "launchers.h"
 #include "spot/dispatch.h"
+#include "spot/kcache_format.h"
 #include "spot/selector_keys.h"
 
 namespace spot {
@@ -130,14 +131,13 @@ void launch(const SelectorScoreParams& params) {
 void selector_score_cuda(const SelectorScoreParams& params) {
   if (params.batch == 0 || params.heads == 0 || params.num_query_rows == 0 || params.num_key_blocks == 0) return;
   SPOT_DISPATCH_FLOAT(params.query_dtype, query_t, {
-    switch (params.format) {
-      case KCacheFormat::kDense:
-        SPOT_DISPATCH_FLOAT(params.key_dtype, key_t, (launch<query_t, key_t, KCacheFormat::kDense>(params)));
-        break;
-      case KCacheFormat::kInt4: launch<query_t, uint8_t, KCacheFormat::kInt4>(params); break;
-      case KCacheFormat::kMxfp4: launch<query_t, uint8_t, KCacheFormat::kMxfp4>(params); break;
-      case KCacheFormat::kNvfp4: launch<query_t, uint8_t, KCacheFormat::kNvfp4>(params); break;
-    }
+    SPOT_DISPATCH_KCACHE_FORMAT_OR_DENSE(params.format, kFormat, {
+      if constexpr (kFormat == KCacheFormat::kDense) {
+        SPOT_DISPATCH_FLOAT(params.key_dtype, key_t, (launch<query_t, key_t, kFormat>(params)));
+      } else {
+        launch<query_t, uint8_t, kFormat>(params);  // packed keys are code bytes
+      }
+    });
   });
 }
 

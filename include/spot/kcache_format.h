@@ -61,12 +61,26 @@
 
 // SPOT_DISPATCH_KCACHE_FORMAT(format, CONST_NAME, ...): a packed spot::KCacheFormat as a
 // constexpr CONST_NAME for the statement block (kDense is not a packed format).
-#define SPOT_DISPATCH_KCACHE_FORMAT(FORMAT, CONST_NAME, ...)                                          \
-  switch (FORMAT) {                                                                                  \
-    case ::spot::KCacheFormat::kInt4: { constexpr auto CONST_NAME = ::spot::KCacheFormat::kInt4; __VA_ARGS__; break; } \
-    case ::spot::KCacheFormat::kMxfp4: { constexpr auto CONST_NAME = ::spot::KCacheFormat::kMxfp4; __VA_ARGS__; break; } \
-    case ::spot::KCacheFormat::kNvfp4: { constexpr auto CONST_NAME = ::spot::KCacheFormat::kNvfp4; __VA_ARGS__; break; } \
+// SPOT_DISPATCH_KCACHE_FORMAT_OR_DENSE(format, CONST_NAME, ...): the same over every selector key
+// format, kDense included; the block tells dense keys apart with `if constexpr`.
+#define SPOT_KCACHE_FORMAT_CASE(VALUE, CONST_NAME, ...) \
+  case ::spot::KCacheFormat::VALUE: { constexpr auto CONST_NAME = ::spot::KCacheFormat::VALUE; __VA_ARGS__; break; }
+#define SPOT_KCACHE_PACKED_FORMAT_CASES(CONST_NAME, ...)     \
+  SPOT_KCACHE_FORMAT_CASE(kInt4, CONST_NAME, __VA_ARGS__)    \
+  SPOT_KCACHE_FORMAT_CASE(kMxfp4, CONST_NAME, __VA_ARGS__)   \
+  SPOT_KCACHE_FORMAT_CASE(kNvfp4, CONST_NAME, __VA_ARGS__)
+
+#define SPOT_DISPATCH_KCACHE_FORMAT(FORMAT, CONST_NAME, ...)                                         \
+  switch (FORMAT) {                                                                                 \
+    SPOT_KCACHE_PACKED_FORMAT_CASES(CONST_NAME, __VA_ARGS__)                                        \
     default: throw std::invalid_argument("spot: expected a packed K-cache format (int4, mxfp4, nvfp4)"); \
+  }
+
+#define SPOT_DISPATCH_KCACHE_FORMAT_OR_DENSE(FORMAT, CONST_NAME, ...)                                \
+  switch (FORMAT) {                                                                                 \
+    SPOT_KCACHE_FORMAT_CASE(kDense, CONST_NAME, __VA_ARGS__)                                        \
+    SPOT_KCACHE_PACKED_FORMAT_CASES(CONST_NAME, __VA_ARGS__)                                        \
+    default: throw std::invalid_argument("spot: unknown K-cache format");                           \
   }
 
 namespace spot {
