@@ -4,7 +4,6 @@
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <c10/core/DeviceGuard.h>
 
 #include "launchers.h"
 #include "ops.h"
@@ -112,16 +111,7 @@ at::Tensor block_mass(const at::Tensor& query, const at::Tensor& key, const at::
   params.dtype = dtype;
   params.softmax_scale = float(softmax_scale);
 
-  if (on_cuda) {
-#ifdef SPOT_WITH_CUDA
-    const c10::DeviceGuard device_guard(query.device());
-    block_mass_cuda(params);
-#else
-    SPOT_CHECK_ARG(false, kOp, "query", "is on CUDA but spot_ops was built without CUDA");
-#endif
-  } else {
-    block_mass_cpu(params);
-  }
+  run_on_device(params, query, kOp, "query", block_mass_cpu, SPOT_CUDA_LAUNCHER(block_mass_cuda));
   return mass;
 }
 

@@ -6,7 +6,6 @@
 #include <cstdint>
 
 #include <ATen/ATen.h>
-#include <c10/core/DeviceGuard.h>
 
 #include "launchers.h"
 #include "ops.h"
@@ -93,16 +92,7 @@ std::tuple<at::Tensor, at::Tensor> decode_select(const at::Tensor& query, const 
   params.sink_blocks = int(sink_blocks);
   params.local_blocks = int(local_blocks);
 
-  if (on_cuda) {
-#ifdef SPOT_WITH_CUDA
-    const c10::DeviceGuard device_guard(query.device());
-    decode_select_cuda(params);
-#else
-    SPOT_CHECK_ARG(false, kOp, "query", "is on CUDA but spot_ops was built without CUDA");
-#endif
-  } else {
-    decode_select_cpu(params);
-  }
+  run_on_device(params, query, kOp, "query", decode_select_cpu, SPOT_CUDA_LAUNCHER(decode_select_cuda));
   return {indices, counts};
 }
 

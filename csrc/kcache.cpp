@@ -6,7 +6,6 @@
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <c10/core/DeviceGuard.h>
 
 #include "launchers.h"
 #include "ops.h"
@@ -84,12 +83,6 @@ void check_dim_fits(int64_t dim, const at::Tensor& tensor, const char* op, const
                  tensor.sizes());
 }
 
-#ifndef SPOT_WITH_CUDA
-void no_cuda(const char* op, const char* arg) {
-  SPOT_CHECK_ARG(false, op, arg, "is on CUDA but spot_ops was built without CUDA");
-}
-#endif
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> pack_kcache(const at::Tensor& keys, std::string_view format_name,
@@ -115,16 +108,7 @@ std::tuple<at::Tensor, at::Tensor> pack_kcache(const at::Tensor& keys, std::stri
   params.key_dtype = dtype;
   params.codes = codes.data_ptr<uint8_t>();
   params.scales = scales.data_ptr();
-  if (keys.is_cuda()) {
-#ifdef SPOT_WITH_CUDA
-    const c10::DeviceGuard device_guard(keys.device());
-    pack_kcache_cuda(params);
-#else
-    no_cuda(kOp, "keys");
-#endif
-  } else {
-    pack_kcache_cpu(params);
-  }
+  run_on_device(params, keys, kOp, "keys", pack_kcache_cpu, SPOT_CUDA_LAUNCHER(pack_kcache_cuda));
   return {codes, scales};
 }
 
@@ -150,16 +134,7 @@ at::Tensor unpack_kcache(const at::Tensor& codes, const at::Tensor& scales, std:
   params.codes = const_cast<uint8_t*>(codes.data_ptr<uint8_t>());
   params.scales = scales.data_ptr();
   params.unpacked = unpacked.data_ptr<float>();
-  if (codes.is_cuda()) {
-#ifdef SPOT_WITH_CUDA
-    const c10::DeviceGuard device_guard(codes.device());
-    unpack_kcache_cuda(params);
-#else
-    no_cuda(kOp, "codes");
-#endif
-  } else {
-    unpack_kcache_cpu(params);
-  }
+  run_on_device(params, codes, kOp, "codes", unpack_kcache_cpu, SPOT_CUDA_LAUNCHER(unpack_kcache_cuda));
   return unpacked;
 }
 
@@ -207,16 +182,7 @@ void append_kcache(const at::Tensor& codes, const at::Tensor& scales, const at::
   params.batch = int(batch);
   params.heads = int(heads);
   params.num_key_blocks = int(num_key_blocks);
-  if (codes.is_cuda()) {
-#ifdef SPOT_WITH_CUDA
-    const c10::DeviceGuard device_guard(codes.device());
-    append_kcache_cuda(params);
-#else
-    no_cuda(kOp, "codes");
-#endif
-  } else {
-    append_kcache_cpu(params);
-  }
+  run_on_device(params, codes, kOp, "codes", append_kcache_cpu, SPOT_CUDA_LAUNCHER(append_kcache_cuda));
 }
 
 }  // namespace spot

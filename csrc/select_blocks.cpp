@@ -4,7 +4,6 @@
 #include <cstdint>
 
 #include <ATen/ATen.h>
-#include <c10/core/DeviceGuard.h>
 
 #include "launchers.h"
 #include "ops.h"
@@ -70,16 +69,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks(const at::Tensor& scores, const
   params.sink_blocks = int(sink_blocks);
   params.local_blocks = int(local_blocks);
 
-  if (on_cuda) {
-#ifdef SPOT_WITH_CUDA
-    const c10::DeviceGuard device_guard(scores.device());
-    select_blocks_cuda(params);
-#else
-    SPOT_CHECK_ARG(false, kOp, "scores", "is on CUDA but spot_ops was built without CUDA");
-#endif
-  } else {
-    select_blocks_cpu(params);
-  }
+  run_on_device(params, scores, kOp, "scores", select_blocks_cpu, SPOT_CUDA_LAUNCHER(select_blocks_cuda));
   return {indices, counts};
 }
 

@@ -4,7 +4,6 @@
 #include <cstdint>
 
 #include <ATen/ATen.h>
-#include <c10/core/DeviceGuard.h>
 
 #include "launchers.h"
 #include "ops.h"
@@ -72,16 +71,7 @@ at::Tensor selector_score(const at::Tensor& query, const at::Tensor& keys, const
   params.global_scale = float(global_scale);
   params.softmax_scale = float(softmax_scale);
 
-  if (on_cuda) {
-#ifdef SPOT_WITH_CUDA
-    const c10::DeviceGuard device_guard(query.device());
-    selector_score_cuda(params);
-#else
-    SPOT_CHECK_ARG(false, kOp, "query", "is on CUDA but spot_ops was built without CUDA");
-#endif
-  } else {
-    selector_score_cpu(params);
-  }
+  run_on_device(params, query, kOp, "query", selector_score_cpu, SPOT_CUDA_LAUNCHER(selector_score_cuda));
   return scores;
 }
 

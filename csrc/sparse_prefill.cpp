@@ -4,7 +4,6 @@
 #include <tuple>
 
 #include <ATen/ATen.h>
-#include <c10/core/DeviceGuard.h>
 
 #include "launchers.h"
 #include "ops.h"
@@ -120,7 +119,6 @@ std::tuple<at::Tensor, at::Tensor> sparse_prefill(const at::Tensor& query, const
                  kOp, "query", "is too large for 32-bit token and block indices");
   if (!on_cuda) check_cu_seqlens_values(cu_seqlens, total_tokens, max_seqlen);
 
-  const c10::DeviceGuard device_guard(query.device());
   at::Tensor out = at::empty_like(query);
   at::Tensor lse = at::empty({total_tokens, heads_q}, query.options().dtype(at::kFloat));
 
@@ -146,15 +144,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_prefill(const at::Tensor& query, const
   params.softmax_scale = float(softmax_scale);
 
   if (total_tokens == 0) return {out, lse};
-  if (on_cuda) {
-#ifdef SPOT_WITH_CUDA
-    sparse_prefill_cuda(params);
-#else
-    SPOT_CHECK_ARG(false, kOp, "query", "is on CUDA but spot_ops was built without CUDA");
-#endif
-  } else {
-    sparse_prefill_cpu(params);
-  }
+  run_on_device(params, query, kOp, "query", sparse_prefill_cpu, SPOT_CUDA_LAUNCHER(sparse_prefill_cuda));
   return {out, lse};
 }
 

@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 
 #include "spot/params.h"
@@ -16,6 +17,13 @@
 // facets did not match), so numbers go through std::to_string / snprintf, which use no facets.
 #define SPOT_CHECK_ARG(COND, OP, ARG, ...) \
   TORCH_CHECK_VALUE(COND, ::spot::message("spot.", OP, ": argument '", ARG, "' ", __VA_ARGS__))
+
+// A CUDA launcher for run_on_device; nullptr in a build without CUDA, where launchers.h declares none.
+#ifdef SPOT_WITH_CUDA
+#define SPOT_CUDA_LAUNCHER(LAUNCHER) (LAUNCHER)
+#else
+#define SPOT_CUDA_LAUNCHER(LAUNCHER) nullptr
+#endif
 
 namespace spot {
 namespace message_detail {
@@ -114,6 +122,21 @@ inline KCacheFormat parse_kcache_format(std::string_view format, bool allow_dens
 // Scalar arguments tied to the launch: block sizes and counts must be positive and small.
 inline void check_positive(int64_t value, const char* op, const char* arg) {
   SPOT_CHECK_ARG(value > 0, op, arg, "must be positive, got ", value);
+}
+
+// The dispatch tail of an op entry, once params are filled: the CPU kernel when `tensor` is not on
+// CUDA, else the CUDA launcher under a guard for the tensor's device (launchers use the current
+// device's stream). `arg` names `tensor` in the error a build without CUDA gives.
+template <typename Params>
+void run_on_device(const Params& params, const at::Tensor& tensor, const char* op, const char* arg,
+                   void (*cpu_kernel)(const Params&), std::type_identity_t<void (*)(const Params&)> cuda_launcher) {
+  if (!tensor.is_cuda()) {
+    cpu_kernel(params);
+    return;
+  }
+  SPOT_CHECK_ARG(cuda_launcher != nullptr, op, arg, "is on CUDA but spot_ops was built without CUDA");
+  const c10::DeviceGuard device_guard(tensor.device());
+  cuda_launcher(params);
 }
 
 }  // namespace spot
