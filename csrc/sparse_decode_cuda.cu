@@ -25,6 +25,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -46,8 +47,8 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kTileTokens = 16 * kWarps;  // each warp owns 16 tokens: one k16 step of P V
 constexpr int kHeadRows = 16;             // query heads per CTA: the M of m16n8k16
 constexpr int kMaxSplits = 64;
-// Below this many tokens per split the merge and the pipeline's fill cost more than they save.
-constexpr int64_t kMinTokensPerSplit = 256;
+// Below this many tokens (two tiles) per split the merge costs more than the parallelism saves.
+constexpr int64_t kMinTokensPerSplit = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -481,14 +482,15 @@ int multiprocessor_count() {
   return count;
 }
 
-// Splits so that the grid covers the GPU about twice (a straggler wave costs less), never fewer
-// than kMinTokensPerSplit tokens per split nor more splits than chosen blocks.
+// Splits so that the whole grid is one wave of resident CTAs: every CTA starts at once and
+// streams its share, where a second wave would pay the pipeline's fill and drain again (a
+// 2.2-wave grid left B = 8 at 53% of the copy bandwidth). Never fewer than kMinTokensPerSplit
+// tokens per split nor more splits than chosen blocks.
 int plan_splits(const SparseDecodeParams& params, int ctas_per_sm) {
   if (params.max_selected <= 1) return 1;
   const int64_t work_rows = int64_t(params.batch) * params.heads_kv * head_chunks(params);
-  const int64_t target_ctas = 2 * int64_t(multiprocessor_count()) * ctas_per_sm;
-  if (work_rows * 2 > target_ctas) return 1;  // at least one full wave without splitting
-  int64_t splits = (target_ctas + work_rows - 1) / work_rows;
+  const int64_t resident_ctas = int64_t(multiprocessor_count()) * ctas_per_sm;
+  int64_t splits = resident_ctas / work_rows;
   const int64_t max_tokens = int64_t(params.max_selected) * params.block_size;
   splits = std::min<int64_t>(splits, (max_tokens + kMinTokensPerSplit - 1) / kMinTokensPerSplit);
   splits = std::min<int64_t>(splits, params.max_selected);
@@ -515,7 +517,14 @@ void launch(const SparseDecodeParams& params) {
 
 }  // namespace
 
+// SPOT_DECODE_SPLITS=N (N >= 1) fixes the split count, for tuning runs; it is clamped to the
+// chosen blocks and kMaxSplits like the planned count.
 int sparse_decode_num_splits(const SparseDecodeParams& params) {
+  if (const char* forced = std::getenv("SPOT_DECODE_SPLITS"); forced != nullptr && *forced != '\0') {
+    const long requested = std::strtol(forced, nullptr, 10);
+    if (requested < 1) throw std::invalid_argument("spot.sparse_decode: SPOT_DECODE_SPLITS must be a positive integer");
+    return int(std::max<int64_t>(1, std::min<int64_t>({requested, params.max_selected, kMaxSplits})));
+  }
   int ctas_per_sm = 1;
   SPOT_DISPATCH_HALF(params.dtype, scalar_t,
                      SPOT_DISPATCH_HEAD_DIM(params.head_dim, kHeadDim,

@@ -380,7 +380,10 @@ def test_select_blocks_cuda_ties_and_empty_rows():
 @gpu
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("width,dim,heads", [(9, 64, 1), (300, 32, 3), (2048, 64, 8), (2100, 128, 2)])
+# Widths cover every sort size of the CUDA kernel (1 to 16 blocks per thread of 512) and the
+# threshold search past 8192 blocks.
+@pytest.mark.parametrize("width,dim,heads", [(9, 64, 1), (300, 32, 3), (700, 64, 2), (2048, 64, 8), (2100, 128, 2),
+                                             (5000, 64, 1), (9000, 32, 1)])
 def test_decode_select_cuda_matches_cpu(width, dim, heads, dtype, fmt):
     gen = generator(width + dim + len(fmt))
     block_size = 64
@@ -398,6 +401,24 @@ def test_decode_select_cuda_matches_cpu(width, dim, heads, dtype, fmt):
                                            local, block_size, scale, **cuda_kwargs)
         assert torch.equal(got[1].cpu(), want[1])
         assert torch.equal(got[0].cpu(), want[0])
+
+
+@gpu
+@pytest.mark.parametrize("width", [37, 1500, 6000])
+def test_decode_select_cuda_ties_break_by_index(width):
+    """Keys drawn from four vectors: every logit ties with many others, and the blocks taken at the
+    cut must be the lowest-indexed of their tie, as on the CPU."""
+    gen = generator(width)
+    dim, heads, block_size = 32, 2, 16
+    palette = torch.randn(4, dim, generator=gen)
+    keys = palette[torch.randint(0, 4, (2, heads, width), generator=gen)]
+    query = torch.randn(2, heads, dim, generator=gen)
+    seq_lens = torch.tensor([width * block_size, width * block_size // 2 + 5], dtype=torch.int32)
+    for top_p, k_min, k_max in ((0.3, 0, width), (0.7, 3, width // 2 + 1), (0.95, 0, width), (0.5, width // 3, width)):
+        want = spot_attention.decode_select(query, keys, seq_lens, top_p, k_min, k_max, 1, 1, block_size, 0.3)
+        got = spot_attention.decode_select(query.cuda(), keys.cuda(), seq_lens.cuda(), top_p, k_min, k_max, 1, 1,
+                                           block_size, 0.3)
+        assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[0].cpu(), want[0])
 
 
 @gpu
