@@ -127,9 +127,17 @@ inline void check_positive(int64_t value, const char* op, const char* arg) {
 // The dispatch tail of an op entry, once params are filled: the CPU kernel when `tensor` is not on
 // CUDA, else the CUDA launcher under a guard for the tensor's device (launchers use the current
 // device's stream). `arg` names `tensor` in the error a build without CUDA gives.
+// The launcher's type is spelled through a nested alias so that only cpu_kernel deduces Params
+// (the launcher may be nullptr); std::type_identity_t would need C++20, and torch builds
+// extensions as C++17.
+template <typename Params>
+struct ParamsKernel {
+  using type = void (*)(const Params&);
+};
+
 template <typename Params>
 void run_on_device(const Params& params, const at::Tensor& tensor, const char* op, const char* arg,
-                   void (*cpu_kernel)(const Params&), std::type_identity_t<void (*)(const Params&)> cuda_launcher) {
+                   void (*cpu_kernel)(const Params&), typename ParamsKernel<Params>::type cuda_launcher) {
   if (!tensor.is_cuda()) {
     cpu_kernel(params);
     return;
