@@ -7,16 +7,17 @@
 //
 // Selection. Decode rows are few (batch x KV heads) and wide (one logit per cached block), so a
 // search that walks the row once per bit of the threshold (spot/select_row.cuh) is mostly
-// barriers: it cost ~100 us at 128K tokens. Here the CTA sorts the candidates once instead
-// (a stable block radix sort of their order keys, descending, index as the value: exactly the
-// reference's (-probability, index) order) and finds the top-p cut with one exclusive scan of
-// the masses in that order. Masses are summed as 2^-62 fixed point, so every prefix is exact and
-// monotone and the cut is the first prefix reaching top_p, like the reference's running sum.
-// Rows wider than the sort handles (kThreads * kMaxItems blocks) take the threshold search.
+// barriers: it cost ~100 us at 128K tokens. But only the E = min(k_max - forced, candidates) best
+// candidates can ever be chosen: the top-p cut falls among them, or the clamp to k_max applies.
+// So the CTA finds the E-th largest order key by a 4-pass count radix select (8-bit digits,
+// shared-memory histograms), gathers those E candidates (ties at the threshold lowest index
+// first), orders them by counting (the reference's (-probability, index) order) and scans their
+// masses once. Masses are summed as 2^-62 fixed point, so every prefix is exact and monotone
+// and the cut is the first prefix reaching top_p, like the reference's running sum. Rows whose
+// E exceeds kMaxTop take the threshold search.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "launchers.h"
@@ -30,7 +31,7 @@ namespace {
 
 constexpr int kWarps = 16;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kMaxItems = 16;  // sorted selection for rows of up to 8192 key blocks
+constexpr int kMaxTop = 2 * kThreads;  // most candidates the top-E selection orders
 constexpr double kMassScale = 0x1p62;  // fixed-point unit of the masses: sums of <= 1 fit in 64 bits
 
 // Key blocks scored for this sequence: the complete ones that have a cached key.
@@ -89,109 +90,197 @@ __device__ float score_packed(const float* query, const uint8_t* codes, const vo
 }
 
 // ------------------------------------------------------------------------------------------
-// Sorted selection
+// Top-E selection
 // ------------------------------------------------------------------------------------------
 
-template <int kItems>
-struct SortedSelect {
-  using Sort = cub::BlockRadixSort<uint32_t, kThreads, kItems, int32_t>;
-  using MassScan = cub::BlockScan<unsigned long long, kThreads>;
-  using CountScan = cub::BlockScan<int, kThreads>;
-  union TempStorage {
-    typename Sort::TempStorage sort;
-    typename MassScan::TempStorage mass_scan;
-    typename CountScan::TempStorage count_scan;
-  };
-};
-
-// Shared memory of the selection, carved from the kernel's dynamic shared memory.
+// Shared memory of the selection: the row's logits and probabilities, and room for the top E.
 struct SelectShared {
-  const float* scores;  // [width] logits of the scored blocks
-  double* prob;         // [width]
-  uint8_t* chosen;      // [width]
-  void* temp;           // SortedSelect<kItems>::TempStorage
-  double* reduce_scratch;  // kWarps doubles
+  const float* scores;        // [width] logits of the scored blocks
+  double* prob;               // [width]
+  uint32_t* top_keys;         // [kMaxTop]
+  int32_t* top_blocks;        // [kMaxTop], gathered in index order
+  int32_t* sorted_blocks;     // [kMaxTop], by (probability desc, index asc)
+  double* reduce_scratch;     // kWarps doubles
 };
 
-// Selects one row; thread t owns the blocks [t * kItems, (t + 1) * kItems) wherever a thread needs
-// a contiguous share (the sort's input and the ascending compaction). Returns the count.
-template <int kItems>
-__device__ __noinline__ int select_row_sorted(const SelectShared shared, const DecodeRow row, const SelectKnobs knobs,
-                                              int32_t* out) {
-  using Select = SortedSelect<kItems>;
-  auto& temp = *static_cast<typename Select::TempStorage*>(shared.temp);
+struct TopShared {
+  using MassScan = cub::BlockScan<unsigned long long, kThreads>;
+  typename MassScan::TempStorage mass_scan;
+  uint32_t bins[256];
+  uint32_t digit, above;
+};
+
+using Selector = select_device::RowSelector<select_device::BlockGroup<kWarps>>;
+
+// The largest order key T with count(candidate keys >= T) >= wanted (0 < wanted <= candidates),
+// by four 8-bit digit passes of a count histogram; `above` receives count(keys > T).
+__device__ uint32_t kth_largest_key(const Selector& selector, TopShared& top, int wanted, int& above) {
+  const int lane = threadIdx.x & 31;
+  uint32_t prefix = 0;
+  int found_above = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    const uint32_t resolved = shift == 24 ? 0u : ~((1u << (shift + 8)) - 1u);  // digits already fixed
+    for (int i = threadIdx.x; i < 256; i += kThreads) top.bins[i] = 0;
+    __syncthreads();
+    for (int j = threadIdx.x; j < selector.n; j += kThreads) {
+      if (!selector.is_candidate(j)) continue;
+      const uint32_t key = selector.key(j);
+      if (((key ^ prefix) & resolved) == 0) atomicAdd(&top.bins[(key >> shift) & 0xFFu], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      // Lane l holds digits [8l, 8l + 8); the digit sought is the largest d with
+      // found_above + count(digits >= d) >= wanted.
+      int lane_total = 0;
+#pragma unroll
+      for (int b = 0; b < 8; ++b) lane_total += int(top.bins[lane * 8 + b]);
+      int suffix = lane_total;  // lanes >= lane
+#pragma unroll
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        const int other = __shfl_down_sync(select_device::kFullMask, suffix, offset);
+        if (lane + offset < 32) suffix += other;
+      }
+      int running = found_above + suffix - lane_total;  // lanes above this one
+      int digit = -1, digit_above = 0;
+#pragma unroll
+      for (int b = 7; b >= 0; --b) {
+        const int bin = int(top.bins[lane * 8 + b]);
+        if (digit < 0 && running + bin >= wanted) {
+          digit = lane * 8 + b;
+          digit_above = running;
+        }
+        running += bin;
+      }
+      const unsigned holders = __ballot_sync(select_device::kFullMask, digit >= 0);
+      const int winner = 31 - __clz(int(holders));  // holders != 0: wanted <= candidates
+      if (lane == winner) {
+        top.digit = uint32_t(digit);
+        top.above = uint32_t(digit_above);
+      }
+    }
+    __syncthreads();
+    prefix |= top.digit << shift;
+    found_above = int(top.above);
+    __syncthreads();  // the next pass clears the bins and overwrites the broadcast
+  }
+  above = found_above;
+  return prefix;
+}
+
+// Decode rows are few (batch x KV heads) and wide (one logit per cached block). Only the
+// E = min(k_max - forced, candidates) best candidates can be chosen, and the top-p cut falls
+// inside them or the clamp to k_max applies: so find them by a count radix select, order just
+// them, and scan their masses. E <= kMaxTop here; returns the count.
+__device__ int select_row_top(const SelectShared shared, TopShared& top, const DecodeRow row,
+                              const SelectKnobs knobs, int32_t* out) {
   const int n = max(row.visible, 0);
-  const int num_scored = min(max(row.scored, 0), n);
-  // Padding past n: is_candidate() is false there and probability() reads nothing.
-
-  // Probabilities, the forced blocks' mass, and the candidates' order keys.
   const select_device::BlockGroup<kWarps> group{shared.reduce_scratch};
-  const select_device::RowSelector<select_device::BlockGroup<kWarps>> selector{
-      group, select_device::RowView{shared.scores, shared.prob, num_scored, n}, knobs, n};
+  const Selector selector{group, select_device::RowView{shared.scores, shared.prob, min(max(row.scored, 0), n), n},
+                          knobs, n};
   selector.softmax();
-  __syncthreads();  // the sort reads probabilities other threads wrote
+  __syncthreads();  // keys read probabilities other threads wrote
 
-  const int first = threadIdx.x * kItems;
   const int num_forced = forced_block_count(n, knobs.sink_blocks, knobs.local_blocks);
   const int num_candidates = n - num_forced;
-  uint32_t keys[kItems];
-  int32_t blocks[kItems];
+  const int sink_end = min(knobs.sink_blocks, n);            // forced prefix [0, sink_end)
+  const int local_begin = max(n - knobs.local_blocks, sink_end);  // forced suffix [local_begin, n)
+  const int wanted = min(knobs.k_max - num_forced, num_candidates);
+
+  // Forced mass, in 2^-62 units like every mass below.
   unsigned long long forced_here = 0;
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int j = first + i;
-    const bool candidate = selector.is_candidate(j);
-    if (j < n) {
-      shared.chosen[j] = candidate ? 0 : 1;
-      if (!candidate) forced_here += __double2ull_rn(selector.probability(j) * kMassScale);
+  for (int j = threadIdx.x; j < sink_end; j += kThreads) forced_here += __double2ull_rn(selector.probability(j) * kMassScale);
+  for (int j = local_begin + int(threadIdx.x); j < n; j += kThreads) {
+    forced_here += __double2ull_rn(selector.probability(j) * kMassScale);
+  }
+  unsigned long long forced_mass, unused;
+  TopShared::MassScan(top.mass_scan).ExclusiveSum(forced_here, unused, forced_mass);
+  __syncthreads();
+
+  int extra = 0;
+  if (wanted > 0) {
+    int count_above;
+    const uint32_t threshold = kth_largest_key(selector, top, wanted, count_above);
+    const int ties_wanted = wanted - count_above;
+
+    // Gather the candidates above the threshold and the lowest-indexed ties at it: each thread
+    // takes a contiguous range of blocks so that one scan orders the ties by index.
+    const int chunk = (n + kThreads - 1) / kThreads;
+    const int begin = min(n, int(threadIdx.x) * chunk), end = min(n, begin + chunk);
+    unsigned long long local = 0;  // above count << 32 | tie count
+    for (int j = begin; j < end; ++j) {
+      if (!selector.is_candidate(j)) continue;
+      const uint32_t key = selector.key(j);
+      local += key > threshold ? (1ull << 32) : (key == threshold ? 1ull : 0ull);
     }
-    // Non-candidates sort last with key 0; candidate keys are at least ordered(-inf) > 0 (the
-    // max only guards NaN logits).
-    keys[i] = candidate ? max(selector.key(j), 1u) : 0u;
-    blocks[i] = j;
-  }
-  unsigned long long forced_mass, unused_prefix;
-  typename Select::MassScan(temp.mass_scan).ExclusiveSum(forced_here, unused_prefix, forced_mass);
-  __syncthreads();
-  typename Select::Sort(temp.sort).SortDescending(keys, blocks);
-  __syncthreads();
+    unsigned long long before;
+    TopShared::MassScan(top.mass_scan).ExclusiveSum(local, before);
+    int above_slot = int(before >> 32), tie_rank = int(before & 0xFFFFFFFFu);
+    for (int j = begin; j < end; ++j) {
+      if (!selector.is_candidate(j)) continue;
+      const uint32_t key = selector.key(j);
+      int slot = -1;
+      if (key > threshold) {
+        slot = above_slot++;
+      } else if (key == threshold) {
+        if (tie_rank < ties_wanted) slot = count_above + tie_rank;
+        ++tie_rank;
+      }
+      if (slot >= 0) {
+        shared.top_keys[slot] = key;
+        shared.top_blocks[slot] = j;
+      }
+    }
+    __syncthreads();
 
-  // The candidate of sorted rank r is taken for top_p while forced + mass(ranks < r) < top_p:
-  // the fewest whose mass reaches top_p, all of them when it is never reached.
-  unsigned long long prefix[kItems];  // the masses, then in place their exclusive prefix sums
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    prefix[i] = first + i < num_candidates ? __double2ull_rn(selector.probability(blocks[i]) * kMassScale) : 0ull;
-  }
-  typename Select::MassScan(temp.mass_scan).ExclusiveSum(prefix, prefix);
-  const unsigned long long target = static_cast<unsigned long long>(ceil(knobs.top_p * kMassScale));
-  int taken_here = 0;
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) taken_here += (first + i < num_candidates && forced_mass + prefix[i] < target) ? 1 : 0;
-  const int k_p = group.sum(taken_here);  // its barriers also retire the scan's storage
+    // Their order: rank by counting (E <= kMaxTop, so at most kMaxTop^2 / kThreads compares each).
+    for (int i = threadIdx.x; i < wanted; i += kThreads) {
+      const uint32_t key = shared.top_keys[i];
+      const int block = shared.top_blocks[i];
+      int rank = 0;
+      for (int m = 0; m < wanted; ++m) {
+        const uint32_t other = shared.top_keys[m];
+        rank += (other > key || (other == key && shared.top_blocks[m] < block)) ? 1 : 0;
+      }
+      shared.sorted_blocks[rank] = block;
+    }
+    __syncthreads();
 
-  const int total = min(max(num_forced + k_p, knobs.k_min), knobs.k_max);
-  const int extra = min(max(total - num_forced, 0), num_candidates);
+    // Candidate of rank r is taken for top_p while forced + mass(ranks < r) < top_p. A cut past
+    // the E gathered means the clamp to k_max decides (or every candidate is taken).
+    constexpr int kRanksPerThread = kMaxTop / kThreads;
+    unsigned long long prefix[kRanksPerThread];
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    if (first + i < extra) shared.chosen[blocks[i]] = 1;
-  }
-  __syncthreads();
+    for (int i = 0; i < kRanksPerThread; ++i) {
+      const int rank = int(threadIdx.x) * kRanksPerThread + i;
+      prefix[i] = rank < wanted ? __double2ull_rn(selector.probability(shared.sorted_blocks[rank]) * kMassScale) : 0ull;
+    }
+    TopShared::MassScan(top.mass_scan).ExclusiveSum(prefix, prefix);
+    const unsigned long long target = static_cast<unsigned long long>(ceil(knobs.top_p * kMassScale));
+    int taken_here = 0;
+#pragma unroll
+    for (int i = 0; i < kRanksPerThread; ++i) {
+      const int rank = int(threadIdx.x) * kRanksPerThread + i;
+      taken_here += (rank < wanted && forced_mass + prefix[i] < target) ? 1 : 0;
+    }
+    const int k_p = group.sum(taken_here);  // its barriers also retire the scan's storage
+    const int total = min(max(num_forced + k_p, knobs.k_min), knobs.k_max);
+    extra = min(max(total - num_forced, 0), wanted);
 
-  // Ascending compaction of the chosen blocks.
-  int chosen_here = 0;
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) chosen_here += (first + i < n && shared.chosen[first + i]) ? 1 : 0;
-  int position = 0, count = 0;
-  typename Select::CountScan(temp.count_scan).ExclusiveSum(chosen_here, position, count);
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int j = first + i;
-    if (j < n && shared.chosen[j]) {
-      if (position < knobs.k_max) out[position] = j;
-      ++position;
+    // Chosen candidates lie between the forced prefix and suffix: output slot = sink_end + their
+    // ascending rank among the chosen.
+    for (int r = threadIdx.x; r < extra; r += kThreads) {
+      const int block = shared.sorted_blocks[r];
+      int position = sink_end;
+      for (int m = 0; m < extra; ++m) position += shared.sorted_blocks[m] < block ? 1 : 0;
+      if (position < knobs.k_max) out[position] = block;
     }
   }
+  for (int j = threadIdx.x; j < sink_end; j += kThreads) out[j] = j;
+  for (int j = local_begin + int(threadIdx.x); j < n; j += kThreads) {
+    const int position = sink_end + extra + (j - local_begin);
+    if (position < knobs.k_max) out[position] = j;
+  }
+  const int count = num_forced + extra;
   for (int i = count + int(threadIdx.x); i < knobs.k_max; i += kThreads) out[i] = -1;
   return count;
 }
@@ -200,54 +289,32 @@ __device__ __noinline__ int select_row_sorted(const SelectShared shared, const D
 // Kernel
 // ------------------------------------------------------------------------------------------
 
-// Dynamic shared memory: prob [width] doubles, scores [width] floats, query [dim] floats, chosen
-// [width] bytes, then the sort's storage (16-byte aligned).
+// Dynamic shared memory: prob [width] doubles, scores [width] floats, query [dim] floats, then
+// the top-E keys, blocks and sorted blocks [kMaxTop] each.
 struct SharedLayout {
-  size_t scores, query, chosen, temp, bytes;
+  size_t scores, query, top_keys, top_blocks, sorted_blocks, bytes;
 };
 
 __host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
-__host__ __device__ inline SharedLayout shared_layout(int width, int dim, size_t temp_bytes) {
+__host__ __device__ inline SharedLayout shared_layout(int width, int dim) {
   SharedLayout layout;
   layout.scores = align16(size_t(width) * sizeof(double));
   layout.query = layout.scores + align16(size_t(width) * sizeof(float));
-  layout.chosen = layout.query + align16(size_t(dim) * sizeof(float));
-  layout.temp = layout.chosen + align16(size_t(width));
-  layout.bytes = layout.temp + temp_bytes;
+  layout.top_keys = layout.query + align16(size_t(dim) * sizeof(float));
+  layout.top_blocks = layout.top_keys + kMaxTop * sizeof(uint32_t);
+  layout.sorted_blocks = layout.top_blocks + kMaxTop * sizeof(int32_t);
+  layout.bytes = layout.sorted_blocks + kMaxTop * sizeof(int32_t);
   return layout;
 }
 
-// Items per thread of the sorted selection for a row width; 0: the threshold search.
-inline int sorted_items(int width) {
-  for (int items = 1; items <= kMaxItems; items *= 2) {
-    if (width <= kThreads * items) return items;
-  }
-  return 0;
-}
-
-template <int kItems>
-constexpr size_t sorted_temp_bytes() {
-  return sizeof(typename SortedSelect<kItems>::TempStorage);
-}
-
-inline size_t temp_bytes(int items) {
-  switch (items) {
-    case 1: return sorted_temp_bytes<1>();
-    case 2: return sorted_temp_bytes<2>();
-    case 4: return sorted_temp_bytes<4>();
-    case 8: return sorted_temp_bytes<8>();
-    case 16: return sorted_temp_bytes<16>();
-    default: return 0;
-  }
-}
-
 template <typename query_t, typename key_t, KCacheFormat Format>
-__global__ void __launch_bounds__(kThreads) decode_select_kernel(const DecodeSelectParams params, int items) {
+__global__ void __launch_bounds__(kThreads) decode_select_kernel(const DecodeSelectParams params) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   __shared__ double reduce_scratch[kWarps];
+  __shared__ TopShared top;
   const int width = params.num_key_blocks, dim = params.dim;
-  const SharedLayout layout = shared_layout(width, dim, 0);
+  const SharedLayout layout = shared_layout(width, dim);
   double* prob = reinterpret_cast<double*>(shared_bytes);
   float* scores = reinterpret_cast<float*>(shared_bytes + layout.scores);
   float* query = reinterpret_cast<float*>(shared_bytes + layout.query);
@@ -276,34 +343,34 @@ __global__ void __launch_bounds__(kThreads) decode_select_kernel(const DecodeSel
 
   const SelectKnobs knobs{params.top_p, params.k_min, params.k_max, params.sink_blocks, params.local_blocks};
   int32_t* out = params.indices + pair * params.k_max;
-  const SelectShared shared{scores, prob, shared_bytes + layout.chosen, shared_bytes + layout.temp, reduce_scratch};
+  const int n = max(row.visible, 0);
+  const int num_forced = forced_block_count(n, knobs.sink_blocks, knobs.local_blocks);
   int count;
-  switch (items) {
-    case 1: count = select_row_sorted<1>(shared, row, knobs, out); break;
-    case 2: count = select_row_sorted<2>(shared, row, knobs, out); break;
-    case 4: count = select_row_sorted<4>(shared, row, knobs, out); break;
-    case 8: count = select_row_sorted<8>(shared, row, knobs, out); break;
-    case 16: count = select_row_sorted<16>(shared, row, knobs, out); break;
-    default: {
-      const select_device::RowView view{scores, prob, row.scored, row.visible};
-      const select_device::BlockGroup<kWarps> group{reduce_scratch};
-      count = select_device::select_row(group, view, knobs, out);
-    }
+  if (min(knobs.k_max - num_forced, n - num_forced) <= kMaxTop) {
+    const SelectShared shared{scores,
+                              prob,
+                              reinterpret_cast<uint32_t*>(shared_bytes + layout.top_keys),
+                              reinterpret_cast<int32_t*>(shared_bytes + layout.top_blocks),
+                              reinterpret_cast<int32_t*>(shared_bytes + layout.sorted_blocks),
+                              reduce_scratch};
+    count = select_row_top(shared, top, row, knobs, out);
+  } else {
+    const select_device::RowView view{scores, prob, row.scored, row.visible};
+    const select_device::BlockGroup<kWarps> group{reduce_scratch};
+    count = select_device::select_row(group, view, knobs, out);
   }
   if (threadIdx.x == 0) params.counts[pair] = count;
 }
 
 template <typename query_t, typename key_t, KCacheFormat Format>
 void launch(const DecodeSelectParams& params) {
-  const int items = sorted_items(params.num_key_blocks);
-  const size_t shared_bytes = shared_layout(params.num_key_blocks, params.dim, temp_bytes(items)).bytes;
+  const size_t shared_bytes = shared_layout(params.num_key_blocks, params.dim).bytes;
   auto kernel = decode_select_kernel<query_t, key_t, Format>;
   if (shared_bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  kernel<<<dim3(unsigned(params.heads), unsigned(params.batch)), dim3(kThreads), shared_bytes, stream>>>(params,
-                                                                                                          items);
+  kernel<<<dim3(unsigned(params.heads), unsigned(params.batch)), dim3(kThreads), shared_bytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
