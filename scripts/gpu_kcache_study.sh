@@ -14,10 +14,14 @@
 #    and each QAT selector at its own format, top_p calibrated per row, same documents.
 # 3. Prints a table (last) and writes $OUT/kcache_qat.{json,md}, $OUT/study.json and the logs.
 #
-# Expected: ~5-6 min on one H200 (training ~2.5-3.5 min with both formats in parallel, the
-# benchmark ~2 min for 5 rows x 6 documents). TRAIN_LIMIT stops training early (checkpointed,
-# steps_done in the table) if steps run slower than estimated; rerunning resumes from the
-# checkpoints in $OUT. Knobs: STEPS, TRAIN_CTX, TRAIN_LIMIT, DOCS, LENGTH, CALIB_CTX, FORMATS,
+# Expected: ~5-6.5 min on one H200. Basis (CPU, 1 thread: 0.35 s per step, 6.4 s per 1K
+# capture): a step is ~15.5k small aten ops forward + backward (plus AdamW, foreach on CUDA),
+# launch-bound on a GPU at ~6-10 us per op, i.e. ~0.1-0.15 s, so 960 steps + 121 captures take
+# ~2-3 min per selector, both formats in parallel ~2.5-4 min with model load and calibration;
+# the benchmark ~1.5-2 min (5 rows x (per-row calibration ~10 s + 8 documents at 8K)).
+# TRAIN_LIMIT (s) stops training early (checkpointed; steps_done is in the table) if steps run
+# slower than that; rerunning resumes from the checkpoints in $OUT. Knobs: STEPS, TRAIN_CTX,
+# TRAIN_LIMIT, DOCS, LENGTH, CALIB_CTX, FORMATS,
 # BENCH_FORMATS, DEVICE, THREADS, CONTROL=1 (also trains a float-key selector with the same
 # settings on this host, the like-for-like baseline; ~+1 min).
 set -uo pipefail
@@ -28,17 +32,21 @@ DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-960}
 TRAIN_CTX=${TRAIN_CTX:-1024}
 TRAIN_LIMIT=${TRAIN_LIMIT:-240}
-DOCS=${DOCS:-6}
+DOCS=${DOCS:-8}
 LENGTH=${LENGTH:-8192}
 CALIB_CTX=${CALIB_CTX:-2048 4096}
 FORMATS=${FORMATS:-mxfp4 nvfp4}
-BENCH_FORMATS=${BENCH_FORMATS:-bf16 mxfp4 nvfp4}
+BENCH_FORMATS=${BENCH_FORMATS-bf16 mxfp4 nvfp4}  # may be empty: QAT rows only
 THREADS=${THREADS:-4}
 CONTROL=${CONTROL:-0}
 export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 study_start=$(date +%s)
+# Children run in the background and are waited for, so that a TERM to this script (an outer
+# timeout) reaches them instead of leaving them running.
+children=()
+trap 'kill "${children[@]}" 2>/dev/null; exit 143' TERM INT
 
 # --- 1. distillation through each format (parallel), then calibration -------------------------
 runs=()
@@ -53,7 +61,7 @@ for run in "${runs[@]}"; do
     --time-limit "$TRAIN_LIMIT" \
     --calibrate --target-recall 0.95 --calib-ctx $CALIB_CTX --calib-windows 2 --local-blocks 2 \
     >"$OUT/distill-$name.log" 2>&1 &
-  pids+=($!)
+  pids+=($!); children+=($!)
 done
 failed=0
 for i in "${!pids[@]}"; do
@@ -74,7 +82,9 @@ fi
 bench_start=$(date +%s)
 timeout 420 python3 bench/kcache_accuracy.py --model "$SPOT_MODEL" --device "$DEVICE" --calibrate \
   --docs "$DOCS" --length "$LENGTH" --no-progress --formats $BENCH_FORMATS "${extra[@]}" \
-  --out "$OUT/kcache_qat.json" >"$OUT/bench.log" 2>&1
+  --out "$OUT/kcache_qat.json" >"$OUT/bench.log" 2>&1 &
+children+=($!)
+wait $!
 rc=$?
 bench_s=$(( $(date +%s) - bench_start ))
 echo "== bench/kcache_accuracy.py: exit $rc in $bench_s s"
