@@ -6,8 +6,12 @@ evaluation harness reports attention-mass recall, blocks read and the perplexity
 dense attention on held-out documents. By default every format runs at the shipped per-layer
 top_p; ``--calibrate`` first calibrates top_p per format (same recall target, windows and
 lengths as the shipped calibration), so the formats are compared at equal target recall.
+``--selector-for FMT=DIR`` (repeatable) adds a row: format FMT scored by the selector in DIR (e.g.
+one trained through that format, ``spot-attn distill --kcache-format FMT``), labelled
+``FMT@<name of DIR>``, on the same documents; ``--formats`` with no value leaves only those rows.
 
     python bench/kcache_accuracy.py [--length 8192] [--docs 2] [--device cuda] [--calibrate]
+        [--selector-for nvfp4=DIR ...] [--formats bf16 nvfp4]
 
 Writes bench/results/kcache.json, kcache.md and kcache.png.
 """
@@ -87,26 +91,43 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join("bench", "results", "kcache.json"))
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--calibrate", action="store_true", help="calibrate top_p per format first")
+    parser.add_argument("--selector-for", action="append", default=[], metavar="FMT=DIR",
+                        help="also evaluate format FMT with the selector in DIR (row FMT@<dir name>; repeatable)")
     args = parser.parse_args(argv)
+    extra_rows = []
+    for item in args.selector_for:
+        fmt, _, directory = item.partition("=")
+        if fmt not in FORMATS or not directory:
+            parser.error(f"--selector-for: expected FMT=DIR with FMT one of {FORMATS}, got {item!r}")
+        extra_rows.append((f"{fmt}@{os.path.basename(os.path.normpath(directory))}", fmt, directory))
+    if not args.formats and not extra_rows:
+        parser.error("nothing to evaluate: give --formats or --selector-for")
 
     device = cli.pick_device(args.device)
     dtype = cli.pick_dtype(args.dtype, device)
     torch.manual_seed(0)
-    selectors = cli.load_selectors(args.selector, device, print)
+    default_selectors = cli.load_selectors(args.selector, device, print)
     model, tokenizer = cli.load_model(args.model, device, dtype, print)
     documents = {args.length: cli.heldout_documents(tokenizer, args.length, args.docs)}
-    methods = {fmt: hf.LearnedSelection(selectors, kcache_format="dense" if fmt == "bf16" else fmt,
-                                        prefill_reads_kcache=True) for fmt in args.formats}
-    handle = hf.attach(model, method=next(iter(methods.values())), layers=sorted(selectors.layers),
-                       measure_recall=True)
-    rank = int(selectors.config.selector_dim)
-    shipped_top_p = dict(selectors.config.top_p or {})
-    shipped_format = selectors.config.kcache_format
-    calibration = dict((selectors.config.training or {}).get("calibration") or {})
+    # (label, format, selectors, selector directory) per row; the default selector first.
+    plan = [(fmt, fmt, default_selectors, args.selector or "shipped") for fmt in args.formats]
+    for label, fmt, directory in extra_rows:
+        plan.append((label, fmt, cli.load_selectors(directory, device, print), directory))
+    if any(sorted(selectors.layers) != sorted(default_selectors.layers) for _, _, selectors, _ in plan):
+        raise SystemExit("--selector-for: every selector must cover the same layers as --selector")
+    methods = [hf.LearnedSelection(selectors, kcache_format="dense" if fmt == "bf16" else fmt,
+                                   prefill_reads_kcache=True) for _, fmt, selectors, _ in plan]
+    handle = hf.attach(model, method=methods[0], layers=sorted(default_selectors.layers), measure_recall=True)
+    rank = int(default_selectors.config.selector_dim)
+    # Every row starts from its selector's stored policy (restored after each row).
+    stored = {id(selectors): (dict(selectors.config.top_p or {}), selectors.config.kcache_format)
+              for _, _, selectors, _ in plan}
     result = None
     rows = []
-    for fmt, method in methods.items():
-        selectors.config.top_p = dict(shipped_top_p)
+    for (label, fmt, selectors, directory), method in zip(plan, methods):
+        stored_top_p, stored_format = stored[id(selectors)]
+        selectors.config.top_p = dict(stored_top_p)
+        calibration = dict((selectors.config.training or {}).get("calibration") or {})
         if args.calibrate:
             from spot_attention.policy import calibrate_selectors
 
@@ -114,12 +135,16 @@ def main(argv=None) -> int:
             calibrate_selectors(selectors, model, tokenizer, target_recall=calibration.get("target_recall", 0.95),
                                 context=calibration.get("contexts", [2048, 4096]),
                                 windows=calibration.get("windows", 4), prefill_reads_kcache=True)
-            selectors.config.kcache_format = shipped_format
+            selectors.config.kcache_format = stored_format
         evaluated = harness.run_eval(model, handle, documents, [args.length], [method], docs_per_length=args.docs,
                                      progress=not args.no_progress, log=print)
         row = evaluated["rows"][0]
         rows.append({
-            "format": fmt,
+            "format": label,
+            "kcache_format": fmt,
+            "selector": directory,
+            "selector_trained_format": (selectors.config.training or {}).get("settings", {}).get("kcache_format",
+                                                                                                "none"),
             "bytes_per_key": bytes_per_key(fmt, rank),
             "recall": row["recall"],
             "ppl_delta_pct": row["ppl_delta_pct"],
@@ -131,7 +156,7 @@ def main(argv=None) -> int:
             "top_p_mean": sum(selectors.config.top_p.values()) / len(selectors.config.top_p),
         })
         result = evaluated
-        print(f"{fmt}: recall {row['recall']:.4f}, ppl delta {row['ppl_delta_pct']:+.2f}%, "
+        print(f"{label}: recall {row['recall']:.4f}, ppl delta {row['ppl_delta_pct']:+.2f}%, "
               f"frac read {row['frac_read']:.3f}", flush=True)
     bf16_bytes = bytes_per_key("bf16", rank)
     for row in rows:

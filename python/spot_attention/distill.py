@@ -18,6 +18,12 @@ For every training window (``train_ctx`` tokens of the training split, ``spot_at
    ``forward_kl`` = KL(A || p) (mass-covering: the selector must not miss blocks the layer
    attends to), ``reverse_kl`` = KL(p || A) (mode-seeking), ``mixed`` = their mean.
 
+   With ``kcache_format`` (quantisation-aware training, ``kcache_qat``) the decode rows score
+   the selector keys as that 4-bit K-cache returns them (forward exact, straight-through
+   gradient), and with ``kcache_prefill`` the prefill rows too, as
+   ``LearnedSelection(prefill_reads_kcache=True)`` scores them; the saved config then names the
+   format, so calibration and evaluation use it.
+
 Only the selectors train (AdamW, cosine schedule with warmup); captures are kept in a small
 replay buffer and each is used for ``updates_per_window`` steps, since a capture costs far more
 than a selector step. Checkpoints (``checkpoint.pt`` in ``out_dir``) hold the selectors, the
@@ -41,6 +47,7 @@ from torch import nn
 
 from . import data as data_module
 from . import models, reference
+from .kcache_qat import QAT_FORMATS, fake_quantize_kcache
 from .selector import SelectorConfig, SpotSelectors
 
 CAPTURE_NAME = "spot_capture"
@@ -231,11 +238,18 @@ def make_layer_batch(selector, query, key, scaling, tokens_per_window, generator
     )
 
 
-def layer_losses(selector, batch: LayerBatch, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prefill loss, decode loss), means over rows and KV groups of one layer."""
+def layer_losses(selector, batch: LayerBatch, loss: str, kcache_format: str = "none",
+                 kcache_prefill: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefill loss, decode loss), means over rows and KV groups of one layer. ``kcache_format``
+    ("none": float keys) is the K-cache decode rows read the selector keys through (fake
+    quantised, ``kcache_qat``); ``kcache_prefill`` makes prefill rows read it too."""
     block = selector.block_size
     key_features = selector.key_features_from_inputs(batch.key_inputs)  # [B, Hkv, NKc, r]
     complete = key_features.shape[2]
+    # One round trip of the window's keys serves both row kinds: the nvfp4 per-tensor scale is
+    # then the one a cache filled by this window's prefill would use.
+    cached_keys = fake_quantize_kcache(key_features, kcache_format)
+    prefill_keys = cached_keys if kcache_prefill else key_features
     bsz = key_features.shape[0]
     device = key_features.device
 
@@ -243,7 +257,7 @@ def layer_losses(selector, batch: LayerBatch, loss: str) -> tuple[torch.Tensor, 
     nq = pooled.shape[2]
     rows = torch.arange(1, nq, device=device)  # block 0 sees one block only: nothing to learn
     visible = torch.clamp(rows + 1, max=complete)[None].expand(bsz, -1)
-    logits = selector.logits(pooled[:, :, 1:], key_features, visible)
+    logits = selector.logits(pooled[:, :, 1:], prefill_keys, visible)
     teacher = batch.prefill_teacher[:, :, 1:nq, :complete]
     keep = visible[0] >= 2
     prefill = divergence(teacher[:, :, keep], logits[:, :, keep], loss).mean()
@@ -251,7 +265,7 @@ def layer_losses(selector, batch: LayerBatch, loss: str) -> tuple[torch.Tensor, 
     token_features = selector.query_features_from_inputs(batch.token_inputs)  # [B, Hkv, S, r]
     positions = batch.token_positions.to(device)
     scored = ((positions + 1) // block).clamp(max=complete)  # complete blocks of a cache of t + 1 tokens
-    token_logits = selector.logits(token_features, key_features, scored[None].expand(bsz, -1))
+    token_logits = selector.logits(token_features, cached_keys, scored[None].expand(bsz, -1))
     token_teacher = batch.token_teacher[..., :complete]
     keep = scored >= 2
     if keep.any():
@@ -281,6 +295,10 @@ class DistillSettings:
     checkpoint_every: int = 40
     selector_dim: int = 64
     block_size: int = 64
+    # Quantisation-aware training: the K-cache format decode rows (and, with kcache_prefill,
+    # prefill rows) read the selector keys through; "none" trains on float keys.
+    kcache_format: str = "none"
+    kcache_prefill: bool = False
 
 
 def _lr_factor(step: int, settings: DistillSettings) -> float:
@@ -298,11 +316,12 @@ def _window_batches(model, selectors: SpotSelectors, window: torch.Tensor, setti
     }
 
 
-def total_loss(selectors: SpotSelectors, batches: dict[int, LayerBatch], loss: str) -> tuple[torch.Tensor, dict]:
+def total_loss(selectors: SpotSelectors, batches: dict[int, LayerBatch], loss: str, kcache_format: str = "none",
+               kcache_prefill: bool = False) -> tuple[torch.Tensor, dict]:
     per_layer = {}
     total = None
     for layer in selectors.layers:
-        prefill, decode = layer_losses(selectors[layer], batches[layer], loss)
+        prefill, decode = layer_losses(selectors[layer], batches[layer], loss, kcache_format, kcache_prefill)
         value = 0.5 * (prefill + decode)
         per_layer[layer] = (float(prefill.detach()), float(decode.detach()))
         total = value if total is None else total + value
@@ -310,12 +329,14 @@ def total_loss(selectors: SpotSelectors, batches: dict[int, LayerBatch], loss: s
 
 
 @torch.no_grad()
-def evaluate(selectors: SpotSelectors, batches_list: list[dict[int, LayerBatch]], loss: str = "forward_kl") -> dict:
-    """Mean prefill / decode divergence per layer over captured windows (e.g. held-out text)."""
+def evaluate(selectors: SpotSelectors, batches_list: list[dict[int, LayerBatch]], loss: str = "forward_kl",
+             kcache_format: str = "none", kcache_prefill: bool = False) -> dict:
+    """Mean prefill / decode divergence per layer over captured windows (e.g. held-out text),
+    optionally with the keys read through a K-cache format (as ``layer_losses``)."""
     sums: dict[int, list[float]] = {layer: [0.0, 0.0] for layer in selectors.layers}
     for batches in batches_list:
         for layer in selectors.layers:
-            prefill, decode = layer_losses(selectors[layer], batches[layer], loss)
+            prefill, decode = layer_losses(selectors[layer], batches[layer], loss, kcache_format, kcache_prefill)
             sums[layer][0] += float(prefill)
             sums[layer][1] += float(decode)
     count = max(len(batches_list), 1)
@@ -346,6 +367,8 @@ def distill(
     progress: bool = True,
     time_limit_s: float | None = None,
     log=print,
+    kcache_format: str | None = None,
+    kcache_prefill: bool | None = None,
 ) -> SpotSelectors:
     """Trains selectors for every full-attention layer (or ``layers``) of the model at
     ``model_path`` (``None``: the default model) and saves them to ``out_dir``.
@@ -353,13 +376,22 @@ def distill(
     ``model``/``tokenizer`` may be passed already loaded. ``compare_losses`` trains further
     selectors with other losses on the very same captures and steps (a capture costs far more
     than a step, so a comparison is nearly free); they are saved to ``out_dir/variants/<loss>``.
-    ``time_limit_s`` stops early (after a checkpoint) when the wall time is spent. Returns the
-    main selectors (not calibrated: see ``policy.calibrate_top_p``)."""
+    ``time_limit_s`` stops early (after a checkpoint) when the wall time is spent.
+    ``kcache_format`` (``QAT_FORMATS``; None keeps ``settings``'): train through that K-cache's
+    round trip (decode rows; prefill rows too with ``kcache_prefill``) and store the format in
+    the selector config. Returns the main selectors (not calibrated: see
+    ``policy.calibrate_top_p``)."""
     for name in (loss, *compare_losses):
         if name not in LOSSES:
             raise ValueError(f"argument 'loss': expected one of {LOSSES}, got {name!r}")
     settings = dataclasses.replace(settings or DistillSettings(), train_ctx=train_ctx, steps=steps, lr=lr, seed=seed,
                                    loss=loss)
+    if kcache_format is not None:
+        settings = dataclasses.replace(settings, kcache_format=kcache_format)
+    if kcache_prefill is not None:
+        settings = dataclasses.replace(settings, kcache_prefill=bool(kcache_prefill))
+    if settings.kcache_format not in QAT_FORMATS:
+        raise ValueError(f"argument 'kcache_format': expected one of {QAT_FORMATS}, got {settings.kcache_format!r}")
     started = time.time()
     torch.manual_seed(seed)
     random.seed(seed)
@@ -367,8 +399,11 @@ def distill(
         model, tokenizer = models.load_model(model_path, dtype=torch.float32, device=device)
     model.requires_grad_(False)
     model_id = models.model_id(model_path) if model_path is not None else models.DEFAULT_MODEL_ID
+    # A selector trained through a format is calibrated and evaluated with it; "none" keeps the
+    # config's default format.
+    format_override = {} if settings.kcache_format == "none" else {"kcache_format": settings.kcache_format}
     config = SelectorConfig.for_model(model.config, model_id, layers=layers, selector_dim=settings.selector_dim,
-                                      block_size=settings.block_size)
+                                      block_size=settings.block_size, **format_override)
     windows_needed = settings.steps // settings.updates_per_window + 1
     used: list = []
     windows = data_module.training_windows(tokenizer, settings.train_ctx, windows_needed, seed=seed, used=used)
@@ -388,6 +423,13 @@ def distill(
     history: list[dict] = []
     if resume and os.path.isfile(checkpoint_path):
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        saved = state.get("settings", {})
+        for name in ("kcache_format", "kcache_prefill"):
+            # Checkpoints written before QAT existed trained on float keys.
+            before = saved.get(name, getattr(DistillSettings(), name))
+            if before != getattr(settings, name):
+                raise ValueError(f"{checkpoint_path} was trained with {name}={before!r}, not "
+                                 f"{getattr(settings, name)!r}: pass the same setting or resume=False")
         for name, (selectors, optimizer) in variants.items():
             selectors.load_state_dict(state["variants"][name]["selectors"])
             optimizer.load_state_dict(state["variants"][name]["optimizer"])
@@ -424,7 +466,7 @@ def distill(
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * _lr_factor(step, settings)
             optimizer.zero_grad(set_to_none=True)
-            value, _ = total_loss(selectors, replay[pick], name)
+            value, _ = total_loss(selectors, replay[pick], name, settings.kcache_format, settings.kcache_prefill)
             value.backward()
             optimizer.step()
             record[name] = float(value.detach())
@@ -507,6 +549,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also train a variant with this loss on the same captures (repeatable)")
     parser.add_argument("--updates-per-window", type=int, default=4)
     parser.add_argument("--replay", type=int, default=8)
+    parser.add_argument("--kcache-format", choices=QAT_FORMATS, default="none",
+                        help="train through this selector K-cache format's round trip (quantisation-aware; decode "
+                             "rows) and store it in selector.json; none: float keys")
+    parser.add_argument("--kcache-prefill", action="store_true",
+                        help="with --kcache-format, prefill rows read the round-tripped keys too (as "
+                             "LearnedSelection(prefill_reads_kcache=True) and bench/kcache_accuracy.py score them)")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
@@ -536,7 +584,8 @@ def run(args: argparse.Namespace) -> int:
         selectors = distill(args.model, args.out, train_ctx=args.train_ctx, steps=args.steps, lr=args.lr,
                             seed=args.seed, loss=args.loss, resume=not args.no_resume, device=args.device,
                             model=model, tokenizer=tokenizer, settings=settings,
-                            compare_losses=tuple(args.compare_loss), time_limit_s=args.time_limit)
+                            compare_losses=tuple(args.compare_loss), time_limit_s=args.time_limit,
+                            kcache_format=args.kcache_format, kcache_prefill=args.kcache_prefill)
     for name in ("local_blocks", "sink_blocks", "k_min"):
         if getattr(args, name, None) is not None:
             setattr(selectors.config, name, int(getattr(args, name)))
