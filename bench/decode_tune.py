@@ -56,6 +56,36 @@ def kernel_times_us(fn, repeats: int = 5) -> dict[str, float]:
     return times
 
 
+def select_probe(device, out) -> int:
+    """decode_select kernel time (profiler) for one (B=1, 8 KV heads) row set per configuration:
+    how it scales with the row width, the selector dim, the key format and k_max."""
+    rows = []
+    configs = [(2048, 64, "int4", 64), (512, 64, "int4", 64), (8192, 64, "int4", 64), (2048, 32, "int4", 64),
+               (2048, 128, "int4", 64), (2048, 64, "dense", 64), (2048, 64, "int4", 8), (2048, 64, "int4", 512)]
+    for width, rank, fmt, k_max in configs:
+        gen = torch.Generator(device=device).manual_seed(width + rank)
+        query = torch.randn(1, 8, rank, device=device, generator=gen)
+        keys = torch.randn(1, 8, width, rank, device=device, generator=gen)
+        scales = None
+        if fmt != "dense":
+            keys, scales = sa.pack_kcache(keys, fmt)
+        seq_lens = torch.full((1,), width * BLOCK, dtype=torch.int32, device=device)
+
+        def select():
+            return torch.ops.spot.decode_select(query, keys, scales, seq_lens, BLOCK, fmt, 1.0, rank ** -0.5, 0.9,
+                                                4, k_max, SINK, LOCAL)
+
+        times = kernel_times_us(select, repeats=20)
+        us = sum(t for name, t in times.items() if "decode_select" in name)
+        rows.append({"width": width, "rank": rank, "format": fmt, "k_max": k_max, "kernel_us": us})
+        print(f"  decode_select width={width:5d} r={rank:3d} {fmt:5s} k_max={k_max:4d}: {us:7.2f} us")
+    if out:
+        with open(out, "w") as handle:
+            json.dump({"device": torch.cuda.get_device_name(device), "commit": git_commit(), "rows": rows}, handle,
+                      indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="qwen3-8b", choices=list(SHAPES))
@@ -64,6 +94,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=int, default=4096, help="tokens")
     parser.add_argument("--splits", type=int, nargs="*", default=[8, 16, 32, 48, 64])
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--select-probe", action="store_true",
+                        help="only decode_select's kernel time across row widths, selector dims, key formats and k_max")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -71,6 +103,8 @@ def main(argv=None) -> int:
         return 1
 
     device = torch.device("cuda")
+    if args.select_probe:
+        return select_probe(device, args.out)
     heads_q, heads_kv, dim, rank = SHAPES[args.shape]
     copy_gbps = copy_bandwidth_gbps(device)
     timer = Timer(3, args.iters, device)

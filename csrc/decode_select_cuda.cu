@@ -18,6 +18,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdint>
+#include <cstring>
+
 #include <cub/block/block_scan.cuh>
 
 #include "launchers.h"
@@ -50,11 +53,24 @@ __device__ DecodeRow decode_row(const DecodeSelectParams& params, int b) {
 // Scoring
 // ------------------------------------------------------------------------------------------
 
-// query . key * softmax_scale for a dense key row, one fma per element in dim order.
+// query . key * softmax_scale for a dense key row, one fma per element in dim order. Rows whose
+// bytes are whole 16-byte chunks are read a chunk at a time: element by element, each thread
+// walking its own row makes every warp load touch 32 rows (82 us instead of 22 at 2048 blocks).
 template <typename key_t>
-__device__ float score_dense(const float* query, const key_t* key, int dim, float softmax_scale) {
+__device__ float score_dense(const float* query, const key_t* key, int dim, float softmax_scale, bool chunked) {
   float acc = 0.f;
-  for (int k = 0; k < dim; ++k) acc = __fmaf_rn(query[k], to_float(key[k]), acc);
+  if (chunked) {
+    constexpr int kPerChunk = 16 / sizeof(key_t);
+    for (int first = 0; first < dim; first += kPerChunk) {
+      const uint4 chunk = __ldg(reinterpret_cast<const uint4*>(key + first));
+      key_t values[kPerChunk];
+      memcpy(values, &chunk, sizeof(chunk));
+#pragma unroll
+      for (int i = 0; i < kPerChunk; ++i) acc = __fmaf_rn(query[first + i], to_float(values[i]), acc);
+    }
+  } else {
+    for (int k = 0; k < dim; ++k) acc = __fmaf_rn(query[k], to_float(key[k]), acc);
+  }
   return acc * softmax_scale;
 }
 
@@ -322,6 +338,7 @@ __global__ void __launch_bounds__(kThreads) decode_select_kernel(const DecodeSel
   const int64_t pair = int64_t(b) * params.heads + h;
   const DecodeRow row = decode_row(params, b);
 
+  const bool chunked_keys = (size_t(dim) * sizeof(key_t)) % 16 == 0 && reinterpret_cast<uintptr_t>(params.keys) % 16 == 0;
   const query_t* query_row = static_cast<const query_t*>(params.query) + pair * dim;
   for (int k = threadIdx.x; k < dim; k += kThreads) query[k] = to_float(query_row[k]);
   __syncthreads();
@@ -330,7 +347,7 @@ __global__ void __launch_bounds__(kThreads) decode_select_kernel(const DecodeSel
     const int64_t key_row = pair * width + j;
     if constexpr (Format == KCacheFormat::kDense) {
       scores[j] = score_dense(query, static_cast<const key_t*>(params.keys) + key_row * dim, dim,
-                              params.softmax_scale);
+                              params.softmax_scale, chunked_keys);
     } else {
       constexpr int kGroup = kcache::FormatTraits<Format>::kGroupSize;
       const uint8_t* codes = static_cast<const uint8_t*>(params.keys) + key_row * (dim / 2);

@@ -404,6 +404,23 @@ def test_decode_select_cuda_matches_cpu(width, dim, heads, dtype, fmt):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_select_cuda_dense_keys_off_the_16_byte_grid(dtype):
+    """Dense rows of 36 values (not whole 16-byte chunks), and keys whose storage starts one
+    element off a 16-byte boundary, take the element-by-element scoring path."""
+    gen = generator(36)
+    query = torch.randn(2, 3, 36, generator=gen).to(dtype)
+    keys = torch.randn(2, 3, 200, 36, generator=gen).to(dtype)
+    seq_lens = torch.tensor([200 * 16, 77 * 16 + 3], dtype=torch.int32)
+    want = spot_attention.decode_select(query, keys, seq_lens, 0.9, 2, 40, 1, 2, 16, 0.2)
+    shifted = torch.empty(keys.numel() + 1, dtype=dtype, device="cuda")
+    shifted[1:] = keys.flatten().cuda()
+    for cuda_keys in (keys.cuda(), shifted[1:].view(keys.shape)):
+        got = spot_attention.decode_select(query.cuda(), cuda_keys, seq_lens.cuda(), 0.9, 2, 40, 1, 2, 16, 0.2)
+        assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[0].cpu(), want[0])
+
+
+@gpu
 @pytest.mark.parametrize("width", [37, 1500, 6000])
 def test_decode_select_cuda_ties_break_by_index(width):
     """Keys drawn from four vectors: every logit ties with many others, and the blocks taken at the
