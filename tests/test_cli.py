@@ -102,7 +102,7 @@ def test_eval_writes_json_markdown_and_plot(tiny_setup, tmp_path):
     assert {"device", "date", "commit", "rows", "documents"} <= set(result)
     methods = {(row["method"], str(row["budget"])) for row in result["rows"]}
     assert ("spot", "calibrated") in methods and ("spot", "0.9") in methods
-    assert {"oracle_top_p", "quest_top_k", "twilight_top_p", "streaming"} <= {m for m, _ in methods}
+    assert {"oracle", "quest", "twilight", "streaming"} <= {m for m, _ in methods}
     assert {row["L"] for row in result["rows"]} == {128, 256}
     for row in result["rows"]:
         assert 0 < row["frac_read"] <= 1 and 0 <= row["recall"] <= 1 + 1e-6 and row["ppl"] > 1

@@ -153,10 +153,13 @@ def test_run_eval_rows_and_report(tmp_path):
     handle = hf.attach(model, selectors, measure_recall=True)
     documents = [harness.Document(f"doc{i}", tokens(1, 200 + 50 * i, seed=20 + i)[0]) for i in range(3)]
     methods = harness.learned_methods(selectors, top_p_sweep=(0.5, 1.0)) + baselines.baseline_methods(
-        BLOCK, {"oracle_top_p": [0.9], "quest_top_k": [2], "twilight_top_p": [0.9], "streaming": [1, 3]})
+        BLOCK, {"oracle": [0.9], "quest": [2], "twilight": [0.9], "streaming": [1, 3]})
     result = harness.run_eval(model, handle, documents, [96, 260], methods, docs_per_length=2, progress=False)
     rows = {(row["method"], str(row["budget"]), row["L"]): row for row in result["rows"]}
-    assert len(rows) == len(methods) * 2
+    assert len(rows) == (len(methods) + 1) * 2  # one dense reference row per length
+    for length in (96, 260):
+        dense = rows[("dense", "None", length)]
+        assert dense["ppl"] == rows[("spot", "calibrated", length)]["ppl_dense"] and dense["ppl_delta_pct"] == 0.0
     assert rows[("spot", "calibrated", 96)]["documents"] == 2 and rows[("spot", "calibrated", 260)]["documents"] == 1
     assert [doc["name"] for doc in result["documents"]] == ["doc0", "doc1", "doc2"]
     assert result["dense_layers"] == [2]

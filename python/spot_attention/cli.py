@@ -181,7 +181,7 @@ def command_eval(args) -> int:
     if args.quick:
         lengths, docs_per_length = args.lengths or [2048], 1
         passkey_lengths = args.passkey_lengths if args.passkey_lengths is not None else []
-        budgets = {"oracle_top_p": [0.9], "quest_top_k": [8], "twilight_top_p": [0.9], "streaming": [6]}
+        budgets = {"oracle": [0.9], "quest": [8], "twilight": [0.9], "streaming": [6]}
         sweep = []
     else:
         lengths, docs_per_length = args.lengths or [2048, 4096, 8192], args.docs

@@ -72,7 +72,7 @@ def query_block_mass(query: torch.Tensor, key: torch.Tensor, block_size: int, sc
 class OracleTopP(SelectionMethod):
     def __init__(self, top_p: float, block_size: int = 64, k_min: int = 1, k_max: int = 1 << 20,
                  sink_blocks: int = 1, local_blocks: int = 1):
-        self.name = "oracle_top_p"
+        self.name = "oracle"
         self.budget = top_p
         self.top_p, self.block_size, self.k_min, self.k_max = top_p, block_size, k_min, k_max
         self.sink, self.local = sink_blocks, local_blocks
@@ -91,7 +91,7 @@ class OracleTopP(SelectionMethod):
 class TwilightTopP(SelectionMethod):
     def __init__(self, top_p: float, block_size: int = 64, k_min: int = 1, k_max: int = 1 << 20,
                  sink_blocks: int = 1, local_blocks: int = 1, key_format: str = "int4"):
-        self.name = "twilight_top_p"
+        self.name = "twilight"
         self.budget = top_p
         self.top_p, self.block_size, self.k_min, self.k_max = top_p, block_size, k_min, k_max
         self.sink, self.local = sink_blocks, local_blocks
@@ -114,7 +114,7 @@ class TwilightTopP(SelectionMethod):
 
 class QuestTopK(SelectionMethod):
     def __init__(self, k: int, block_size: int = 64, sink_blocks: int = 1, local_blocks: int = 1):
-        self.name = "quest_top_k"
+        self.name = "quest"
         self.budget = k
         self.k, self.block_size = k, block_size
         self.sink, self.local = sink_blocks, local_blocks
@@ -183,11 +183,11 @@ def baseline_methods(block_size: int, budgets: dict[str, list] | None = None) ->
     """Every baseline at each of its budgets (defaults span roughly 5%-60% of the blocks at 2K-8K)."""
     budgets = budgets or {}
     methods: list[SelectionMethod] = []
-    for top_p in budgets.get("oracle_top_p", [0.8, 0.9, 0.95, 0.98]):
+    for top_p in budgets.get("oracle", [0.8, 0.9, 0.95, 0.98]):
         methods.append(OracleTopP(top_p, block_size))
-    for k in budgets.get("quest_top_k", [4, 8, 16, 32]):
+    for k in budgets.get("quest", [4, 8, 16, 32]):
         methods.append(QuestTopK(k, block_size))
-    for top_p in budgets.get("twilight_top_p", [0.8, 0.9, 0.95, 0.98]):
+    for top_p in budgets.get("twilight", [0.8, 0.9, 0.95, 0.98]):
         methods.append(TwilightTopP(top_p, block_size))
     for window in budgets.get("streaming", [2, 6, 14, 30]):
         methods.append(Streaming(window, block_size))

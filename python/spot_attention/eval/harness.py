@@ -63,6 +63,10 @@ def device_description(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """SPOT_COMMIT when set (a copied tree whose .git, if any, is not the code that runs), else
+    git's HEAD."""
+    if os.environ.get("SPOT_COMMIT"):
+        return os.environ["SPOT_COMMIT"]
     try:
         root = os.path.dirname(os.path.abspath(__file__))
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -176,6 +180,16 @@ def run_eval(
             "seconds": entry.seconds,
             "dense_seconds": dense_seconds.get(length, float("nan")),
             "frac_read_per_layer": per_layer,
+        })
+    # One dense row per length: the reference every sparse row's ppl_delta_pct is taken against.
+    for length in sorted({row["L"] for row in rows}):
+        same_length = [row for row in rows if row["L"] == length]
+        rows.append({
+            "method": "dense", "budget": None, "L": length, "frac_read": 1.0, "ppl_dense": same_length[0]["ppl_dense"],
+            "ppl": same_length[0]["ppl_dense"], "ppl_delta_pct": 0.0, "top1_agree": 1.0, "kl": 0.0, "recall": 1.0,
+            "tokens": same_length[0]["tokens"], "documents": same_length[0]["documents"],
+            "seconds": dense_seconds.get(length, float("nan")), "dense_seconds": dense_seconds.get(length, float("nan")),
+            "frac_read_per_layer": {},
         })
     rows.sort(key=lambda row: (row["L"], row["method"], row["frac_read"]))
     return {
