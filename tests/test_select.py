@@ -404,6 +404,19 @@ def test_decode_select_cuda_matches_cpu(width, dim, heads, dtype, fmt):
 
 
 @gpu
+@pytest.mark.parametrize("k_min,k_max", [(0, 10), (8, 10), (0, 40), (30, 2000)])
+def test_decode_select_cuda_lengths_past_the_cache(k_min, k_max):
+    """Sequences longer than the cache: the visible blocks past the cached keys have probability
+    0 and rank after every cached block, by index; k_max = 2000 takes the threshold search."""
+    gen = generator(k_max)
+    query, keys, _, _, _, _ = decode_inputs(4, 2, 24, 32, torch.bfloat16, "dense", 64, gen)
+    seq_lens = torch.tensor([24 * 64 + 5, 37 * 64, 0, 3000 * 64 + 1], dtype=torch.int32)
+    want = spot_attention.decode_select(query, keys, seq_lens, 0.9, k_min, k_max, 1, 2, 64, 0.2)
+    got = spot_attention.decode_select(query.cuda(), keys.cuda(), seq_lens.cuda(), 0.9, k_min, k_max, 1, 2, 64, 0.2)
+    assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[0].cpu(), want[0])
+
+
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_select_cuda_dense_keys_off_the_16_byte_grid(dtype):
     """Dense rows of 36 values (not whole 16-byte chunks), and keys whose storage starts one
