@@ -128,7 +128,7 @@ inline void check_positive(int64_t value, const char* op, const char* arg) {
 // CUDA, else the CUDA launcher under a guard for the tensor's device (launchers use the current
 // device's stream). `arg` names `tensor` in the error a build without CUDA gives.
 // The launcher's type is spelled through a nested alias so that only cpu_kernel deduces Params
-// (the launcher may be nullptr); std::type_identity_t would need C++20, and torch builds
+// (the launcher may be nullptr); std::type_identity_t would need C++20, and torch 2.11 builds
 // extensions as C++17.
 template <typename Params>
 struct ParamsKernel {

@@ -1,8 +1,10 @@
 // Dual top-p selection of one row of selector logits, host side: the rule of
 // reference.select_blocks / reference._select_row, shared by the CPU kernels of select_blocks and
-// decode_select. The CUDA kernels (spot/select_row.cuh) implement the same rule with a threshold
-// search instead of a sort; both work in float64 like the reference, so that cumulative masses
-// compared with top_p agree to rounding (differences matter only on measure-zero ties).
+// decode_select. The CUDA kernels implement the same rule without a full sort: select_blocks by a
+// threshold search (spot/select_row.cuh), decode_select by a top-E select (decode_select_cuda.cu)
+// with that search as its fallback. Masses are float64 or 2^-62 fixed point, so cumulative masses
+// compared with top_p agree with the reference to rounding (differences matter only on
+// measure-zero ties).
 #pragma once
 
 #include <algorithm>

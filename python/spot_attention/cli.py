@@ -224,7 +224,8 @@ def command_eval(args) -> int:
                                    "eval_smollm2.json")
     paths = report.write(result, out)
     log("")
-    log(harness.summarize(result["rows"]) or harness.summarize(result["rows"], result["rows"][0]["method"]))
+    first_sparse = next((row["method"] for row in result["rows"] if row["method"] != "dense"), "spot")
+    log(harness.summarize(result["rows"]) or harness.summarize(result["rows"], first_sparse))
     if "passkey" in result:
         log(f"passkey: sparse keeps every dense success: {result['passkey_sparse_keeps_dense']}")
     log(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']} in {result['wall_s']:.0f} s")
