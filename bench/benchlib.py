@@ -4,7 +4,6 @@ CUDA-event timer."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
@@ -31,14 +30,10 @@ def import_spot_attention():
 
 def git_commit() -> str:
     """SPOT_COMMIT when set (a copied tree without .git, e.g. on a GPU host), else git's HEAD."""
-    if os.environ.get("SPOT_COMMIT"):
-        return os.environ["SPOT_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    import_spot_attention()
+    from spot_attention.eval.harness import git_commit as package_commit
+
+    return package_commit()
 
 
 def time_us(function, budget_s: float = 2.0, min_iterations: int = 3, max_iterations: int = 50) -> float:
