@@ -61,16 +61,6 @@ __device__ __forceinline__ uint32_t swizzled_byte_offset(int row, int chunk) {
   return uint32_t(row * kHeadDim * 2 + ((chunk ^ (row & 7)) << 4));
 }
 
-__device__ __forceinline__ float quad_max(float value) {
-  value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 1));
-  return fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float value) {
-  value += __shfl_xor_sync(0xffffffffu, value, 1);
-  return value + __shfl_xor_sync(0xffffffffu, value, 2);
-}
-
 __device__ __forceinline__ float warp_sum(float value) {
 #pragma unroll
   for (int lane_mask = 16; lane_mask >= 1; lane_mask >>= 1) value += __shfl_xor_sync(0xffffffffu, value, lane_mask);

@@ -292,8 +292,7 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDec
     float rescale[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      tile_max[r] = quad_max(tile_max[r]);
       const float new_max = fmaxf(row_max[r], tile_max[r]);
       // A row with no valid token yet keeps max -inf; subtracting 0 then keeps every weight 0.
       const float reference = new_max == -INFINITY ? 0.f : new_max;
@@ -345,8 +344,7 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDec
   __syncthreads();
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+    row_sum[r] = quad_sum(row_sum[r]);
   }
   float* warp_out = reinterpret_cast<float*>(shared_bytes);  // [warps][16][head_dim]
   if (lane_pair == 0) {

@@ -365,8 +365,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_prefill_mma_kernel(const S
           for (int n = 0; n < kKeyTiles; ++n) {
             tile_max = fmaxf(tile_max, fmaxf(scores[m][n][2 * h], scores[m][n][2 * h + 1]));
           }
-          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+          tile_max = quad_max(tile_max);
           const float new_max = fmaxf(row_max[m][h], tile_max);
           // A row with nothing visible yet keeps max -inf; subtracting 0 keeps exp2 at 0, not NaN.
           const float shift = new_max == -INFINITY ? 0.f : new_max;
@@ -434,9 +433,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_prefill_mma_kernel(const S
   for (int m = 0; m < 2; ++m) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float sum = row_sum[m][h];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float sum = quad_sum(row_sum[m][h]);
       const float inverse = sum > 0.f ? 1.f / sum : 0.f;
       const int row = warp * kRowsPerWarp + 16 * m + group_row + 8 * h;
 #pragma unroll

@@ -42,6 +42,7 @@
 #include <cutlass/pipeline/pipeline.hpp>
 
 #include "launchers.h"
+#include "spot/cuda/mma_sm80.cuh"
 #include "spot/dispatch.h"
 #include "spot/numeric.h"
 #include "spot/params.h"
@@ -51,6 +52,10 @@ namespace spot {
 namespace sm90_prefill {
 
 using namespace cute;
+// Only these of the mma.sync helpers: cute has its own cp_async_* names.
+using ::spot::ptx::fast_exp2;
+using ::spot::ptx::quad_max;
+using ::spot::ptx::quad_sum;
 
 constexpr int kThreads = 384;               // producer warpgroup + two consumer warpgroups
 constexpr int kConsumerThreads = 256;
@@ -238,11 +243,6 @@ __device__ __forceinline__ void warpgroup_gemm_issue(TiledMma& tiled_mma, Tensor
 
 // 2^x with the hardware approximation, flushing results below 2^-126 to zero (exp2f adds a
 // range fix-up per element that a softmax does not need). 2^-inf = 0.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float result;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(x));
-  return result;
-}
 
 // Scales a stage of logits into the base-2 domain, masks it when kMask (the last stage: column c is
 // visible to a warpgroup row r when c <= r + diagonal_column), and folds it into the running softmax:
@@ -267,8 +267,7 @@ __device__ __forceinline__ void online_softmax(Scores& scores, Coords const& coo
     CUTE_UNROLL
     for (int c = 1; c < kCols; ++c) block_max = fmaxf(block_max, scores(r, c));
     // The four threads of a quad hold one row's columns.
-    block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
-    block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
+    block_max = quad_max(block_max);
     const float new_max = fmaxf(row_max[r], block_max);
     rescale[r] = fast_exp2(row_max[r] - new_max);  // 0 on the first stage (old max -inf)
     row_max[r] = new_max;
@@ -590,9 +589,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int head = kv_head * params.group + warpgroup_head_in_group(consumer);
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float sum = quad_sum(row_sum[r]);
     const int row_in_warpgroup = int(get<0>(output_coords(r, 0)));
     const int token_in_sequence = block_row + row_offset + row_in_warpgroup;
     if (token_in_sequence >= length) continue;

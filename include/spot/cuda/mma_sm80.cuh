@@ -93,6 +93,17 @@ __device__ __forceinline__ int swizzled_offset(int row, int chunk) {
   return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
 }
 
+// Max / sum over the 4 lanes that hold one row of an m16n8 accumulator fragment (lanes 4g..4g+3).
+__device__ __forceinline__ float quad_max(float value) {
+  value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 1));
+  return fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float value) {
+  value += __shfl_xor_sync(0xffffffffu, value, 1);
+  return value + __shfl_xor_sync(0xffffffffu, value, 2);
+}
+
 // 2^x with one MUFU op; exact enough for softmax weights, and 2^-inf = 0.
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
