@@ -23,19 +23,12 @@ from benchlib import git_commit
 from decode import BLOCK, LOCAL, SHAPES, SINK, Timer, copy_bandwidth_gbps
 
 import spot_attention as sa
-from spot_attention.decode import SparseDecodeStep, topk_blocks
+from spot_attention.decode import SparseDecodeStep, capture_cuda_graph, topk_blocks
 
 
 def graphed(fn):
-    """fn captured in a CUDA graph (after one eager warm-up run on a side stream)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    """fn captured in a CUDA graph: its replay."""
+    graph, _ = capture_cuda_graph(fn)
     return graph.replay
 
 

@@ -10,6 +10,7 @@ import torch
 
 import spot_attention
 from spot_attention import reference
+from spot_attention.decode import capture_cuda_graph
 
 def gpu(test):
     """Marks a test `gpu` (selectable with -m gpu) and skips it without CUDA."""
@@ -462,14 +463,7 @@ def test_decode_select_cuda_graph_capture():
                                             format="int4")
 
     eager = step()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_cuda_graph(step)
     seq_lens.add_(37)  # the graph reads the new lengths
     graph.replay()
     torch.cuda.synchronize()

@@ -14,6 +14,7 @@ import torch
 
 import spot_attention as sa
 from spot_attention import reference
+from spot_attention.decode import capture_cuda_graph
 
 requires_cuda = pytest.mark.skipif(not sa.cuda_available(), reason="needs the CUDA build of spot_ops and a GPU")
 
@@ -542,14 +543,7 @@ def test_gpu_cuda_graph_replay():
         return sa.sparse_decode(static["query"], keys, values, static["seq_lens"], static["indices"],
                                 static["counts"], block_size=64, softmax_scale=first["scale"])
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = step()
+    graph, (out, lse) = capture_cuda_graph(step)
     graph.replay()
     torch.cuda.synchronize()
     assert_matches(out, lse, *masked_reference(first, "cuda"), torch.bfloat16, GPU_TOL)

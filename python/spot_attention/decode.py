@@ -161,18 +161,24 @@ class SparseDecodeStep:
             return self.run(static["query"], key_cache, value_cache, static["seq_lens"], selector_keys,
                             selector_key_scales, static["block_table"], static["selector_query"])
 
-        # Warm-up on a side stream: first calls may allocate or pick kernels, which a capture
-        # must not see for the first time.
-        side = torch.cuda.Stream(device=query.device)
-        side.wait_stream(torch.cuda.current_stream(query.device))
-        with torch.cuda.stream(side):
-            for _ in range(max(warmup, 1)):
-                body()
-        torch.cuda.current_stream(query.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            outputs = body()
+        graph, outputs = capture_cuda_graph(body, device=query.device, warmup=warmup, pool=pool)
         return CapturedDecodeStep(graph, static, *outputs)
+
+
+def capture_cuda_graph(fn: Callable, device=None, warmup: int = 1, pool=None):
+    """Records ``fn()`` in a CUDA graph: (graph, fn's outputs as captured). ``fn`` runs ``warmup``
+    times (at least once) on a side stream first: first calls may allocate or pick kernels, which
+    a capture must not see for the first time."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = fn()
+    return graph, outputs
 
 
 class CapturedDecodeStep:
