@@ -306,9 +306,12 @@ def selector_rows(selector, query: torch.Tensor, key: torch.Tensor, scaling: flo
     nq = pooled.shape[2]
     row = torch.arange(nq, device=query.device)
     scored = torch.clamp(row + 1, max=complete)[None].expand(batch, -1)
-    prefill_keys = key_features
-    if prefill_reads_kcache and complete > 0:
-        prefill_keys = kcache_round_trip(key_features, kcache_format)
+    # One round trip serves both row kinds: decode rows always read the cache (float keys stand
+    # in for a "dense" one unless prefill reads it too), prefill rows on request.
+    cached_keys = key_features
+    if (kcache_format != "dense" or prefill_reads_kcache) and complete > 0:
+        cached_keys = kcache_round_trip(key_features, kcache_format)
+    prefill_keys = cached_keys if prefill_reads_kcache else key_features
     scores = selector.logits(pooled, prefill_keys, scored)
     scores = torch.nn.functional.pad(scores, (0, nk - complete), value=float("-inf"))
     prefill = CalibrationRows(scores, (row + 1)[None].expand(batch, -1), prefill_targets(token_mass, block))
@@ -317,9 +320,6 @@ def selector_rows(selector, query: torch.Tensor, key: torch.Tensor, scaling: flo
     positions = torch.randperm(length, generator=generator)[: min(token_rows, length)].sort().values.to(query.device)
     scored = ((positions + 1) // block).clamp(max=complete)
     visible = (positions + block) // block  # blocks touching [0, t]
-    cached_keys = key_features
-    if (kcache_format != "dense" or prefill_reads_kcache) and complete > 0:
-        cached_keys = kcache_round_trip(key_features, kcache_format)
     scores = selector.logits(query_features[:, :, positions], cached_keys, scored[None].expand(batch, -1))
     scores = torch.nn.functional.pad(scores, (0, nk - complete), value=float("-inf"))
     decode = CalibrationRows(scores, visible[None].expand(batch, -1), token_mass[:, :, positions])
