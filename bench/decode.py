@@ -31,16 +31,11 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from benchlib import git_commit
+from benchlib import ROOT, git_commit, import_spot_attention
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-try:
-    import spot_attention as sa
-except ImportError:  # an in-place build that is not installed
-    sys.path.insert(0, os.path.join(ROOT, "python"))
-    import spot_attention as sa
-from spot_attention import reference
-from spot_attention.decode import SparseDecodeStep, topk_blocks
+sa = import_spot_attention()
+from spot_attention import reference  # noqa: E402
+from spot_attention.decode import SparseDecodeStep, topk_blocks  # noqa: E402
 
 BLOCK = 64
 SINK, LOCAL = 1, 2

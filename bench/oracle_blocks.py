@@ -61,7 +61,7 @@ def main(argv=None) -> int:
             print(f"block {block_size:3d} oracle top_p {row['budget']}: read {row['frac_read']:.3f}, "
                   f"ppl {row['ppl_delta_pct']:+.2f}%, top-1 {row['top1_agree']:.3f}, recall {row['recall']:.3f}",
                   flush=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    name = harness.device_description(device)
     out = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": git_commit(), "L": args.length, "documents": result["documents"], "rows": rows}
     tag = "cpu" if device.type == "cpu" else name.split()[-1].lower()
