@@ -11,6 +11,13 @@ after warm-up, with the L2 cache flushed (256 MB written) before every timed cal
 reads its working set from L2. A configuration that does not fit in memory is skipped and
 recorded as such.
 
+Per-layer times (``timing: "layers"``, ``--graph-layers N``, at the sweep's longest length): each
+method runs for N layers back to back inside one CUDA graph, every layer with its own KV cache,
+selector cache and query, and the replay's median time is divided by N. A decoder replays one
+graph per step for all its layers, so this is what a layer costs there; a single call
+(``timing: "single"``) also pays one launch's fixed cost, which at B = 1 is a large part of a
+sparse step. The L2 is flushed before each replay and no layer reads another's inputs.
+
 Bytes moved: what each method must read from HBM at least (KV rows of the attended tokens,
 selector cache or block metadata, candidate keys); ``bw_frac`` = bytes / time / copy bandwidth,
 where the copy bandwidth is a device-to-device copy of 1 GiB counted as read + write.
@@ -35,7 +42,7 @@ from benchlib import ROOT, git_commit, import_spot_attention
 
 sa = import_spot_attention()
 from spot_attention import reference  # noqa: E402
-from spot_attention.decode import SparseDecodeStep, topk_blocks  # noqa: E402
+from spot_attention.decode import SparseDecodeStep, capture_cuda_graph, topk_blocks  # noqa: E402
 
 BLOCK = 64
 SINK, LOCAL = 1, 2
@@ -176,7 +183,7 @@ def run_config(shape_name, length, batch, budgets, timer, device, rows, log):
 
     def add(method, budget_tokens, us, nbytes):
         rows.append({"shape": shape_name, "L": length, "B": batch, "budget_tokens": int(budget_tokens),
-                     "method": method, "us": round(us, 2), "bytes": int(nbytes)})
+                     "method": method, "timing": "single", "us": round(us, 2), "bytes": int(nbytes)})
         log(f"  {shape_name:9s} L={length:6d} B={batch:2d} budget={budget_tokens:6d} {method:18s} {us:9.1f} us")
 
     def attempt(method, budget_tokens, fn, nbytes) -> bool:
@@ -301,15 +308,114 @@ def run_config(shape_name, length, batch, budgets, timer, device, rows, log):
 
 
 # --------------------------------------------------------------------------------------------
+# Per-layer times inside a many-layer graph
+# --------------------------------------------------------------------------------------------
+
+
+def graph_us_per_call(timer, device, calls) -> float:
+    """Median microseconds per call of ``calls`` (one per layer) replayed from one CUDA graph. Each
+    call runs eagerly first: a capture that fails half-way can leave the stream unusable."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph, _ = capture_cuda_graph(lambda: [call() for call in calls], device, warmup=2)
+    return timer(graph.replay) / len(calls)
+
+
+def run_layered(shape_name, length, batch, budget, layers, timer, device, rows, log) -> None:
+    heads_q, heads_kv, dim, rank = SHAPES[shape_name]
+    scale = dim ** -0.5
+    num_blocks = math.ceil(length / BLOCK)
+    blocks = budget_blocks(budget, length)
+    tokens = blocks * BLOCK
+    element = 2
+    kv_bytes = 2 * batch * heads_kv * length * dim * element
+    attend_bytes = 2 * batch * heads_kv * min(tokens, length) * dim * element
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    layers = min(layers, int(0.6 * free_bytes // (kv_bytes * 1.15)))
+    if layers < 2:
+        log(f"  layers: {shape_name} L={length} B={batch}: memory for fewer than 2 layers, skipped")
+        return
+    generator = torch.Generator(device=device).manual_seed(7 * length + batch)
+    seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+    step = SparseDecodeStep(heads_q=heads_q, heads_kv=heads_kv, head_dim=dim, top_p=0.9, k_min=blocks, k_max=blocks,
+                            block_size=BLOCK, sink_blocks=SINK, local_blocks=LOCAL, kcache_format="int4")
+    inputs = []
+    for _ in range(layers):
+        layer = {"keys": torch.randn(batch, heads_kv, length, dim, device=device, dtype=torch.bfloat16,
+                                     generator=generator),
+                 "values": torch.randn(batch, heads_kv, length, dim, device=device, dtype=torch.bfloat16,
+                                       generator=generator),
+                 "query": torch.randn(batch, heads_q, dim, device=device, dtype=torch.bfloat16, generator=generator),
+                 "selector_query": torch.randn(batch, heads_kv, rank, device=device, generator=generator)}
+        layer["codes"], layer["scales"] = sa.pack_kcache(
+            torch.randn(batch, heads_kv, num_blocks, rank, device=device, generator=generator), "int4")
+        key_blocks = layer["keys"].view(batch, heads_kv, num_blocks, BLOCK, dim)
+        layer["key_blocks"], layer["key_min"], layer["key_max"] = key_blocks, key_blocks.amin(3), key_blocks.amax(3)
+        layer["chosen"], layer["counts"] = topk_blocks(
+            torch.rand(batch, heads_kv, num_blocks, device=device, generator=generator), seq_lens, BLOCK, blocks,
+            SINK, LOCAL)
+        inputs.append(layer)
+    selector_bytes = inputs[0]["codes"].numel() + inputs[0]["scales"].numel() * inputs[0]["scales"].element_size()
+    bounds_bytes = 2 * inputs[0]["key_min"].numel() * element
+    candidate_tokens = min(num_blocks, TWILIGHT_CANDIDATES * blocks) * BLOCK
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def dense(backend, x):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(x["query"][:, :, None], x["keys"], x["values"], scale=scale,
+                                                  enable_gqa=True)
+
+    def twilight(x):
+        indices, counts = twilight_select(x["query"], x["key_blocks"], x["key_min"], x["key_max"], seq_lens, scale,
+                                          blocks)
+        return sa.sparse_decode(x["query"], x["keys"].transpose(1, 2), x["values"].transpose(1, 2), seq_lens,
+                                indices, counts, BLOCK, scale)
+
+    methods = [
+        ("sdpa_flash", length, kv_bytes, lambda x: dense(SDPBackend.FLASH_ATTENTION, x)),
+        ("sdpa_cudnn", length, kv_bytes, lambda x: dense(SDPBackend.CUDNN_ATTENTION, x)),
+        ("spot_step", tokens, attend_bytes + selector_bytes,
+         lambda x: step.run(x["query"], x["keys"].transpose(1, 2), x["values"].transpose(1, 2), seq_lens,
+                            x["codes"], x["scales"], None, x["selector_query"])),
+        ("spot_select", tokens, selector_bytes,
+         lambda x: step.select(x["selector_query"], x["codes"], x["scales"], seq_lens)),
+        ("spot_attend", tokens, attend_bytes,
+         lambda x: sa.sparse_decode(x["query"], x["keys"].transpose(1, 2), x["values"].transpose(1, 2), seq_lens,
+                                    x["chosen"], x["counts"], BLOCK, scale)),
+        ("twilight", tokens, attend_bytes + bounds_bytes + batch * heads_kv * candidate_tokens * dim * element,
+         twilight),
+    ]
+    for method, budget_tokens, nbytes, run in methods:
+        try:
+            us = graph_us_per_call(timer, device, [lambda x=x, run=run: run(x) for x in inputs])
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            log(f"  layers {method}: out of memory, skipped")
+            continue
+        except Exception as error:
+            log(f"  layers {method}: skipped ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+            continue
+        rows.append({"shape": shape_name, "L": length, "B": batch, "budget_tokens": int(budget_tokens),
+                     "method": method, "timing": "layers", "layers": layers, "us": round(us, 2),
+                     "bytes": int(nbytes)})
+        log(f"  {shape_name:9s} L={length:6d} B={batch:2d} budget={budget_tokens:6d} {method:18s} {us:9.1f} us "
+            f"per layer ({layers}-layer graph)")
+    del inputs
+    torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
 # Reports
 # --------------------------------------------------------------------------------------------
 
 
 def finish_rows(rows, copy_gbps):
-    dense = {(r["shape"], r["L"], r["B"]): r["us"] for r in rows if r["method"] == "sdpa_flash"}
+    dense = {(r["shape"], r["L"], r["B"], r["timing"]): r["us"] for r in rows if r["method"] == "sdpa_flash"}
     for row in rows:
         row["bw_frac"] = round(row["bytes"] / (row["us"] * 1e-6) / (copy_gbps * 1e9), 4) if row["us"] > 0 else None
-        baseline = dense.get((row["shape"], row["L"], row["B"]))
+        baseline = dense.get((row["shape"], row["L"], row["B"], row["timing"]))
         row["speedup_vs_sdpa_flash"] = round(baseline / row["us"], 3) if baseline and row["us"] > 0 else None
 
 
@@ -320,13 +426,18 @@ def markdown(result) -> str:
         f"date {result['date']}, commit {result['commit']}, copy bandwidth {result['copy_gbps']:.0f} GB/s "
         f"(read + write), bf16, block {BLOCK}, sink {SINK} + local {LOCAL} blocks kept by every selection.",
         "",
-        "| shape | L | B | budget (tokens) | method | us | speedup vs sdpa_flash | MB moved | bw_frac |",
-        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        "timing: `single` = one call (or one graph replay for spot_step_graph), L2 flushed before it; "
+        "`layers` = per-layer time inside one CUDA graph running the method for several layers, each with "
+        "its own inputs (speedups compare rows of the same timing).",
+        "",
+        "| shape | L | B | budget (tokens) | method | timing | us | speedup vs sdpa_flash | MB moved | bw_frac |",
+        "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
         speedup = "" if r.get("speedup_vs_sdpa_flash") is None else f"{r['speedup_vs_sdpa_flash']:.2f}x"
         frac = "" if r.get("bw_frac") is None else f"{r['bw_frac']:.2f}"
-        lines.append(f"| {r['shape']} | {r['L']} | {r['B']} | {r['budget_tokens']} | {r['method']} | {r['us']:.1f} | "
+        timing = r["timing"] + (f" ({r['layers']})" if "layers" in r else "")
+        lines.append(f"| {r['shape']} | {r['L']} | {r['B']} | {r['budget_tokens']} | {r['method']} | {timing} | {r['us']:.1f} | "
                      f"{speedup} | {r['bytes'] / 1e6:.1f} | {frac} |")
     lines.append("")
     return "\n".join(lines)
@@ -353,6 +464,7 @@ def plot(result, path) -> None:
     for axis, (shape, batch) in zip(axes.flat, panels):
         for method in methods:
             points = sorted((r["L"], r["us"]) for r in rows if r["shape"] == shape and r["B"] == batch
+                            and r["timing"] == "single"
                             and r["method"] == method and (method.startswith("sdpa") or r["budget_tokens"] == fixed))
             if points:
                 axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
@@ -381,6 +493,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
     parser.add_argument("--tag", help="file name suffix (default: h100 on an H100, else the device name)")
     parser.add_argument("--time-limit", type=float, default=230.0, help="seconds; later configurations are skipped")
+    parser.add_argument("--graph-layers", type=int, default=8,
+                        help="layers per graph for the per-layer times at the longest length (0: none)")
+    parser.add_argument("--layered-only", action="store_true", help="only the per-layer times")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -408,7 +523,10 @@ def main(argv=None) -> int:
                     skipped.append(f"{config}: time limit")
                     continue
                 try:
-                    run_config(shape, length, batch, budgets, timer, device, rows, log)
+                    if not args.layered_only:
+                        run_config(shape, length, batch, budgets, timer, device, rows, log)
+                    if args.graph_layers > 0 and length == max(lengths):
+                        run_layered(shape, length, batch, 4096, args.graph_layers, timer, device, rows, log)
                 except torch.cuda.OutOfMemoryError:
                     skipped.append(f"{config}: out of memory")
                     log(f"{config}: out of memory, skipped")

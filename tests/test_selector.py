@@ -214,3 +214,53 @@ def test_shipped_default_selector_loads():
     assert (config.num_heads, config.num_kv_heads, config.head_dim, config.selector_dim) == (9, 3, 64, 64)
     assert config.top_p is not None and set(config.top_p) == set(range(30))
     assert all(0.0 <= p <= 1.0 for p in config.top_p.values())
+
+
+def test_key_center_leaves_block_distributions_unchanged():
+    generator = torch.Generator().manual_seed(21)
+    config = _config()
+    selector = _trained_like(LayerSelector(config, 0), generator)
+    query = _rope(torch.randn(2, 6, 96, 32, generator=generator), torch.arange(96))
+    key = _rope(torch.randn(2, 2, 96, 32, generator=generator) + 0.7, torch.arange(96))
+    num_visible = torch.tensor([[6, 3], [4, 6]], dtype=torch.int32)
+    query_sel = selector.pool_query_blocks(selector.query_features(query))[:, :, :2]
+    before = selector.logits(query_sel, selector.key_features(key), num_visible)
+    uncentred = selector.key_features(key)
+    selector.fit_key_center([key])
+    centred = selector.key_features(key)
+    # The fitted center is the mean key, and keys come back minus it.
+    assert torch.allclose(centred.mean(dim=(0, 2)), torch.zeros(2, 32), atol=1e-5)
+    assert torch.allclose(centred, uncentred - selector.key_center[None, :, None], atol=1e-6)
+    after = selector.logits(query_sel, centred, num_visible)
+    assert not torch.allclose(before, after)  # the logits moved...
+    assert torch.allclose(before.softmax(-1), after.softmax(-1), atol=1e-6)  # ...their distribution did not
+    # Refitting is idempotent: the center is computed from the uncentred keys.
+    center = selector.key_center.clone()
+    selector.fit_key_center([key])
+    assert torch.allclose(selector.key_center, center, atol=1e-6)
+
+
+def test_key_center_round_trips_and_old_files_load_uncentred(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(22)
+    config = _config()
+    selectors = SpotSelectors(config)
+    key = torch.randn(1, 2, 64, 32, generator=generator) + 1.0
+    for layer in config.layers:
+        _trained_like(selectors[layer], generator)
+        selectors[layer].fit_key_center([key])
+    selectors.save(tmp_path)
+    loaded = SpotSelectors.load(tmp_path)
+    for layer in config.layers:
+        assert torch.equal(loaded[layer].key_center, selectors[layer].key_center)
+        assert loaded[layer].key_center.abs().sum() > 0
+    # A file from before key centering: no key_center tensors, loads with a zero center.
+    state = load_file(tmp_path / "selector.safetensors")
+    save_file({name: tensor for name, tensor in state.items() if not name.endswith(".key_center")},
+              tmp_path / "selector.safetensors")
+    old = SpotSelectors.load(tmp_path)
+    for layer in config.layers:
+        assert torch.equal(old[layer].key_center, torch.zeros(2, 32))
+        assert torch.allclose(old[layer].key_features(key) - selectors[layer].key_center[None, :, None],
+                              selectors[layer].key_features(key), atol=1e-6)

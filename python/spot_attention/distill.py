@@ -449,6 +449,9 @@ def distill(
         for selectors, _ in variants.values():
             for layer, (q, k, _) in captured.items():
                 selectors[layer].init_statistics(q, k)
+                # Centred keys are what a quantisation-aware run's fake K-cache sees; calibration
+                # refits the center on the trained selector.
+                selectors[layer].fit_key_center([k])
         del captured
     window_index = step // settings.updates_per_window
     while step < settings.steps:

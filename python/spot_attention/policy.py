@@ -337,20 +337,34 @@ def calibrate_selectors(
     seed: int = 0,
     split: str = "calibration",
     prefill_reads_kcache: bool = False,
+    center_keys: bool = True,
 ) -> dict[str, Any]:
     """Captures ``windows`` windows of each ``context`` length from the calibration split, scores
     them with the selectors and sets ``selectors.config.top_p`` per layer (prefill and decode rows
-    of every length pooled). Records the files and the per-layer result in
+    of every length pooled). With ``center_keys``, first refits each layer's ``key_center`` on the
+    first window of each length. Records the files and the per-layer result in
     ``config.training["calibration"]``."""
     from . import data
     from .distill import capture_window
 
     contexts = [context] if isinstance(context, int) else list(context)
     used: list = []
-    texts = []
+    texts, firsts = [], []
     for length in contexts:
-        texts += data.training_windows(tokenizer, length, windows, seed=seed, split=split, used=used)
+        windows_of_length = data.training_windows(tokenizer, length, windows, seed=seed, split=split, used=used)
+        texts += windows_of_length
+        firsts += windows_of_length[:1]
     generator = torch.Generator().manual_seed(seed)
+    if center_keys:
+        # The K-cache stores keys minus a center (exact for the distributions, kinder to 4 bits):
+        # fit it on the first window of each length before the rows read the cache.
+        keys_by_layer: dict[int, list[torch.Tensor]] = {layer: [] for layer in selectors.layers}
+        for window in firsts:
+            for layer, (_, key, _) in capture_window(model, window[None], selectors.layers).items():
+                keys_by_layer[layer].append(key)
+        for layer, keys in keys_by_layer.items():
+            selectors[layer].fit_key_center(keys)
+        del keys_by_layer
     rows: dict[int, list[CalibrationRows]] = {layer: [] for layer in selectors.layers}
     for window in texts:
         captured = capture_window(model, window[None], selectors.layers)
@@ -370,6 +384,7 @@ def calibrate_selectors(
         "local_blocks": selectors.config.local_blocks,
         "kcache_format": selectors.config.kcache_format,
         "prefill_reads_kcache": prefill_reads_kcache,
+        "key_center_fitted": center_keys,
         "files": sorted({record["path"] for record in used}),
         "fraction_read": {str(layer): round(item["fraction_read"], 4) for layer, item in result.items()},
         "recall": {str(layer): round(item["recall"], 4) for layer, item in result.items()},

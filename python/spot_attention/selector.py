@@ -41,6 +41,14 @@ key rather than a blurred mean, and a shift of every position still only rotates
 Fixed per-dim gains (``key_gain`` etc., set by ``init_statistics`` from captured keys) bring every
 key dim to unit scale, so the 4-bit K-cache formats (one scale per 16 or 32 dims) lose little; the
 query side divides by the same gains, leaving scores unchanged.
+
+Every block key is stored minus a fixed per-(KV head) ``key_center``, the mean key of real text
+(``fit_key_center``). That shifts all logits of a row by the same ``-qsel . center``, so the
+block distribution is exactly unchanged, but the 4-bit formats then spend their levels on how
+blocks differ rather than on what they share: on held-out text the KL between the selector's
+distributions from float and from 4-bit keys drops by 2-3x (SmolLM2-135M, 2K tokens, all layers:
+int4 0.178 -> 0.095, mxfp4 0.162 -> 0.081, nvfp4 0.114 -> 0.035 nats, center fitted on another
+document). Files without a center load with zeros, which is the uncentred selector they stored.
 """
 
 from __future__ import annotations
@@ -208,6 +216,7 @@ class LayerSelector(nn.Module):
         self.register_buffer("bias_gain", torch.ones(hkv, bias))
         self.register_buffer("key_energy_scale", torch.ones(hkv, half))
         self.register_buffer("query_energy_scale", torch.ones(hkv, group, half))
+        self.register_buffer("key_center", torch.zeros(hkv, config.selector_dim))
 
     # ---------------------------------------------------------------------------------------
     # Helpers
@@ -321,7 +330,7 @@ class LayerSelector(nn.Module):
         variance = self._band_sum(inputs["spread"]) * self.variance_gain[None, :, None, :]
         token_bias = torch.einsum("bhntf,hjf->bhntj", energy, self.bias_key_weight)
         bias = (token_bias.amax(3) + self.bias_key_offset[None, :, None, :]) * self.bias_gain[None, :, None, :]
-        return torch.cat((rotary, variance, bias), -1)
+        return torch.cat((rotary, variance, bias), -1) - self.key_center[None, :, None, :]
 
     def key_features(self, key: torch.Tensor) -> torch.Tensor:
         """key [B, Hkv, L, d] (post-RoPE) -> selector keys float32 [B, Hkv, L // block_size, r]
@@ -363,6 +372,19 @@ class LayerSelector(nn.Module):
         bands = self.variance_weight.shape[-1]
         self.variance_gain.copy_(1.0 / rms[:, 2 * pairs : 2 * pairs + bands])
         self.bias_gain.copy_(1.0 / rms[:, 2 * pairs + bands :])
+
+    @torch.no_grad()
+    def fit_key_center(self, keys: list[torch.Tensor]) -> None:
+        """Sets ``key_center`` to the mean selector key of the complete blocks of ``keys`` (each
+        [B, Hkv, L, d], post-RoPE). Block distributions are unchanged by any center."""
+        total = torch.zeros_like(self.key_center, dtype=torch.float64)
+        count = 0
+        for key in keys:
+            features = self.key_features(key) + self.key_center[None, :, None, :]  # uncentred
+            total += features.double().sum(dim=(0, 2))
+            count += features.shape[0] * features.shape[2]
+        if count:
+            self.key_center.copy_((total / count).to(self.key_center.dtype))
 
 
 class SpotSelectors(nn.Module):
@@ -412,9 +434,9 @@ class SpotSelectors(nn.Module):
         expected = set(selectors.state_dict())
         missing = expected - set(state)
         unexpected = set(state) - expected
-        # Files written before key pooling / the prefill scale were learned lack them: their
-        # initial values (plain block mean, scale 1) reproduce those files exactly.
-        if unexpected or any(not name.endswith((".pool_weight", ".prefill_scale")) for name in missing):
+        # Files written before key pooling / the prefill scale / key centering lack them: their
+        # initial values (plain block mean, scale 1, center 0) reproduce those files exactly.
+        if unexpected or any(not name.endswith((".pool_weight", ".prefill_scale", ".key_center")) for name in missing):
             raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)} does not match selector.json: "
                              f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
         selectors.load_state_dict(state, strict=False)
