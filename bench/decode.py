@@ -153,7 +153,7 @@ def twilight_select(query, key_blocks, key_min, key_max, seq_lens, scale, budget
     order = torch.sort(mass, -1, descending=True)
     cumulative = order.values.cumsum(-1)
     keep = (cumulative - order.values < TWILIGHT_TOP_P).sum(-1)  # fewest reaching top_p
-    counts = torch.minimum(torch.minimum(keep, candidate_counts.long()), torch.tensor(budget_blocks, device=query.device))
+    counts = torch.minimum(keep, candidate_counts.long()).clamp(max=budget_blocks)  # capturable: no host tensor
     counts = counts.clamp(min=1) * (candidate_counts > 0)
     chosen = torch.gather(candidates, -1, order.indices)[..., :budget_blocks]
     return chosen.contiguous(), counts.to(torch.int32).contiguous()
