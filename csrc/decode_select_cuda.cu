@@ -22,12 +22,16 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
+#include <cooperative_groups.h>
 #include <cub/block/block_scan.cuh>
 
+#include "cuda_device.h"
 #include "launchers.h"
+#include "spot/cuda/dependent_launch.cuh"
 #include "spot/dispatch.h"
 #include "spot/select_row.cuh"
 #include "spot/selector_keys.h"
@@ -336,8 +340,38 @@ __host__ __device__ inline SharedLayout shared_layout(int width, int dim) {
   return layout;
 }
 
+// A row's scoring can be spread over a thread-block cluster of `ranks` CTAs (Hopper): CTA r
+// scores blocks [r * kThreads, (r + 1) * kThreads) + k * ranks * kThreads and writes the logits
+// straight into the first CTA's shared memory, which alone then selects. With one row per
+// (sequence, KV head), a small batch otherwise leaves all but a few SMs idle while each of those
+// decodes several thousand 4-bit keys one after another.
+__device__ __forceinline__ int cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return int(cooperative_groups::this_cluster().block_rank());
+#else
+  return 0;
+#endif
+}
+
+__device__ __forceinline__ float* first_cta_shared(float* local, int ranks) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (ranks > 1) return cooperative_groups::this_cluster().map_shared_rank(local, 0);
+#endif
+  return local;
+}
+
+__device__ __forceinline__ void cluster_barrier(int ranks) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (ranks > 1) {
+    cooperative_groups::this_cluster().sync();  // remote logits written and visible
+    return;
+  }
+#endif
+  __syncthreads();
+}
+
 template <typename query_t, typename key_t, KCacheFormat Format>
-__global__ void __launch_bounds__(kThreads) decode_select_kernel(const DecodeSelectParams params) {
+__global__ void __launch_bounds__(kThreads, 1) decode_select_kernel(const DecodeSelectParams params, const int ranks) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   __shared__ double reduce_scratch[kWarps];
   __shared__ TopShared top;
@@ -346,7 +380,9 @@ __global__ void __launch_bounds__(kThreads) decode_select_kernel(const DecodeSel
   double* prob = reinterpret_cast<double*>(shared_bytes);
   float* scores = reinterpret_cast<float*>(shared_bytes + layout.scores);
   float* query = reinterpret_cast<float*>(shared_bytes + layout.query);
-  const int h = blockIdx.x, b = blockIdx.y;
+  allow_dependent_launch();  // the step's sparse_decode waits for this grid before reading
+  const int rank = cluster_rank();
+  const int h = blockIdx.x / ranks, b = blockIdx.y;
   const int64_t pair = int64_t(b) * params.heads + h;
   const DecodeRow row = decode_row(params, b);
 
@@ -354,21 +390,23 @@ __global__ void __launch_bounds__(kThreads) decode_select_kernel(const DecodeSel
   const query_t* query_row = static_cast<const query_t*>(params.query) + pair * dim;
   for (int k = threadIdx.x; k < dim; k += kThreads) query[k] = to_float(query_row[k]);
   __syncthreads();
+  float* row_scores = first_cta_shared(scores, ranks);
 #pragma unroll 4
-  for (int j = threadIdx.x; j < row.scored; j += kThreads) {
+  for (int j = rank * kThreads + int(threadIdx.x); j < row.scored; j += ranks * kThreads) {
     const int64_t key_row = pair * width + j;
     if constexpr (Format == KCacheFormat::kDense) {
-      scores[j] = score_dense(query, static_cast<const key_t*>(params.keys) + key_row * dim, dim,
-                              params.softmax_scale, chunked_keys);
+      row_scores[j] = score_dense(query, static_cast<const key_t*>(params.keys) + key_row * dim, dim,
+                                  params.softmax_scale, chunked_keys);
     } else {
       constexpr int kGroup = kcache::FormatTraits<Format>::kGroupSize;
       const uint8_t* codes = static_cast<const uint8_t*>(params.keys) + key_row * (dim / 2);
       const uint8_t* scales = static_cast<const uint8_t*>(params.key_scales) +
                               key_row * (dim / kGroup) * packed_scale_bytes(Format);
-      scores[j] = score_packed<Format>(query, codes, scales, dim, params.global_scale, params.softmax_scale);
+      row_scores[j] = score_packed<Format>(query, codes, scales, dim, params.global_scale, params.softmax_scale);
     }
   }
-  __syncthreads();
+  cluster_barrier(ranks);
+  if (rank != 0) return;
 
   const SelectKnobs knobs{params.top_p, params.k_min, params.k_max, params.sink_blocks, params.local_blocks};
   int32_t* out = params.indices + pair * params.k_max;
@@ -391,6 +429,19 @@ __global__ void __launch_bounds__(kThreads) decode_select_kernel(const DecodeSel
   if (threadIdx.x == 0) params.counts[pair] = count;
 }
 
+// CTAs per row: while the grid stays within a quarter of the SMs, at most one pass of kThreads
+// keys per CTA and at most the portable cluster size; 1 (a plain launch) before Hopper.
+template <auto Kernel>
+int scoring_ranks(const DecodeSelectParams& params) {
+  constexpr int kMaxRanks = 8;
+  if (compute_capability_major() < 9 || !binary_is_sm90_or_later<Kernel>()) return 1;
+  const int64_t rows = int64_t(params.batch) * params.heads;
+  const int64_t passes = (int64_t(params.num_key_blocks) + kThreads - 1) / kThreads;
+  int ranks = 1;
+  while (ranks < kMaxRanks && ranks < passes && rows * ranks * 4 <= multiprocessor_count()) ranks *= 2;
+  return ranks;
+}
+
 template <typename query_t, typename key_t, KCacheFormat Format>
 void launch(const DecodeSelectParams& params) {
   const size_t shared_bytes = shared_layout(params.num_key_blocks, params.dim).bytes;
@@ -399,8 +450,20 @@ void launch(const DecodeSelectParams& params) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  kernel<<<dim3(unsigned(params.heads), unsigned(params.batch)), dim3(kThreads), shared_bytes, stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int ranks = scoring_ranks<decode_select_kernel<query_t, key_t, Format>>(params);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(params.heads * ranks), unsigned(params.batch));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = unsigned(ranks);
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = ranks > 1 ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params, ranks));
 }
 
 }  // namespace

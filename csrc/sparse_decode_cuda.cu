@@ -22,7 +22,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -32,7 +31,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "cuda_device.h"
 #include "launchers.h"
+#include "spot/cuda/dependent_launch.cuh"
 #include "spot/cuda/mma_sm80.cuh"
 #include "spot/dispatch.h"
 #include "spot/numeric.h"
@@ -99,6 +100,10 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDec
   int64_t* row_value_offset = row_key_offset + Config::kInfoSlots * kTileTokens;
   float* warp_row_max = reinterpret_cast<float*>(shared_bytes + Config::kStatsOffset);  // [warps][16]
   float* warp_row_sum = warp_row_max + kWarps * kHeadRows;
+
+  // The chosen blocks (and this step's KV append) come from the previous kernels of the step.
+  wait_for_previous_grid();
+  allow_dependent_launch();  // the split merge may launch: it waits for this grid to finish
 
   const int split = blockIdx.x;
   const int head_chunks = gridDim.y / params.heads_kv;
@@ -403,6 +408,8 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDec
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kHeadDim / 4) sparse_decode_merge_kernel(const SparseDecodeParams params) {
   __shared__ float split_lse[kMaxSplits];
+  wait_for_previous_grid();  // the splits' partial results
+  allow_dependent_launch();
   const int64_t head = blockIdx.x;  // flat (sequence, query head)
   const int splits = params.num_splits;
   // The LSEs come in with one load per thread and the partial rows with several loads in flight:
@@ -470,21 +477,6 @@ int resident_ctas_per_sm() {
   return ctas;
 }
 
-int multiprocessor_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> counts[kMaxDevices] = {};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < kMaxDevices && counts[device].load(std::memory_order_relaxed) > 0) {
-    return counts[device].load(std::memory_order_relaxed);
-  }
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  count = std::max(count, 1);
-  if (device < kMaxDevices) counts[device].store(count, std::memory_order_relaxed);
-  return count;
-}
-
 // Splits so that the whole grid is one wave of resident CTAs: every CTA starts at once and
 // streams its share, where a second wave pays the pipeline's fill and drain again. Measured on an
 // H200 at 128K tokens, 4096-token budget, Qwen3-8B shapes, B = 8: 4 splits (one wave) 52 us, 8
@@ -510,12 +502,11 @@ void launch(const SparseDecodeParams& params) {
   prepare_kernel<T, kHeadDim>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const dim3 grid(params.num_splits, params.heads_kv * head_chunks(params), params.batch);
-  sparse_decode_kernel<T, kHeadDim><<<grid, kThreads, DecodeConfig<kHeadDim>::kSmemBytes, stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_dependent<sparse_decode_kernel<T, kHeadDim>>(grid, dim3(kThreads), DecodeConfig<kHeadDim>::kSmemBytes, stream,
+                                                     params);
   if (params.num_splits > 1) {
     const unsigned heads = unsigned(int64_t(params.batch) * params.heads_q);
-    sparse_decode_merge_kernel<T, kHeadDim><<<heads, kHeadDim / 4, 0, stream>>>(params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_dependent<sparse_decode_merge_kernel<T, kHeadDim>>(dim3(heads), dim3(kHeadDim / 4), 0, stream, params);
   }
 }
 
