@@ -370,8 +370,13 @@ __device__ __forceinline__ void cluster_barrier(int ranks) {
   __syncthreads();
 }
 
-template <typename query_t, typename key_t, KCacheFormat Format>
-__global__ void __launch_bounds__(kThreads, 1) decode_select_kernel(const DecodeSelectParams params, const int ranks) {
+// kClustered: launched in clusters of `ranks` CTAs per row. Such a grid spans few SMs, so it may
+// take the whole register file (one CTA per SM); the plain kernel keeps two CTAs per SM for
+// large batches, whose rows would otherwise run in two waves.
+template <typename query_t, typename key_t, KCacheFormat Format, bool kClustered>
+__global__ void __launch_bounds__(kThreads, kClustered ? 1 : 2)
+    decode_select_kernel(const DecodeSelectParams params, const int cluster_ranks) {
+  const int ranks = kClustered ? cluster_ranks : 1;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   __shared__ double reduce_scratch[kWarps];
   __shared__ TopShared top;
@@ -381,7 +386,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_select_kernel(const Decode
   float* scores = reinterpret_cast<float*>(shared_bytes + layout.scores);
   float* query = reinterpret_cast<float*>(shared_bytes + layout.query);
   allow_dependent_launch();  // the step's sparse_decode waits for this grid before reading
-  const int rank = cluster_rank();
+  const int rank = kClustered ? cluster_rank() : 0;
   const int h = blockIdx.x / ranks, b = blockIdx.y;
   const int64_t pair = int64_t(b) * params.heads + h;
   const DecodeRow row = decode_row(params, b);
@@ -431,10 +436,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_select_kernel(const Decode
 
 // CTAs per row: while the grid stays within a quarter of the SMs, at most one pass of kThreads
 // keys per CTA and at most the portable cluster size; 1 (a plain launch) before Hopper.
-template <auto Kernel>
+template <auto ClusteredKernel>
 int scoring_ranks(const DecodeSelectParams& params) {
   constexpr int kMaxRanks = 8;
-  if (compute_capability_major() < 9 || !binary_is_sm90_or_later<Kernel>()) return 1;
+  if (compute_capability_major() < 9 || !binary_is_sm90_or_later<ClusteredKernel>()) return 1;
   const int64_t rows = int64_t(params.batch) * params.heads;
   const int64_t passes = (int64_t(params.num_key_blocks) + kThreads - 1) / kThreads;
   int ranks = 1;
@@ -445,17 +450,17 @@ int scoring_ranks(const DecodeSelectParams& params) {
 template <typename query_t, typename key_t, KCacheFormat Format>
 void launch(const DecodeSelectParams& params) {
   const size_t shared_bytes = shared_layout(params.num_key_blocks, params.dim).bytes;
-  auto kernel = decode_select_kernel<query_t, key_t, Format>;
+  const int ranks = scoring_ranks<decode_select_kernel<query_t, key_t, Format, true>>(params);
+  auto kernel = ranks > 1 ? decode_select_kernel<query_t, key_t, Format, true>
+                          : decode_select_kernel<query_t, key_t, Format, false>;
   if (shared_bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int ranks = scoring_ranks<decode_select_kernel<query_t, key_t, Format>>(params);
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(unsigned(params.heads * ranks), unsigned(params.batch));
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = shared_bytes;
-  config.stream = stream;
+  config.stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaLaunchAttribute cluster;
   cluster.id = cudaLaunchAttributeClusterDimension;
   cluster.val.clusterDim.x = unsigned(ranks);
