@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <string>
 
 namespace spot {
 
@@ -43,6 +45,15 @@ bool binary_is_sm90_or_later() {
   return answer;
 }
 
+// SPOT_DEPENDENT_LAUNCH=0 turns programmatic dependent launches off (read once), for A/B runs.
+inline bool dependent_launch_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("SPOT_DEPENDENT_LAUNCH");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return enabled;
+}
+
 // Launches Kernel as a programmatic dependent of the stream's previous kernel where the device
 // and Kernel's binary allow it (see spot/cuda/dependent_launch.cuh; Kernel must call
 // wait_for_previous_grid before its first global read), else as an ordinary launch.
@@ -57,7 +68,7 @@ void launch_dependent(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t s
   dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   dependent.val.programmaticStreamSerializationAllowed = 1;
   config.attrs = &dependent;
-  config.numAttrs = compute_capability_major() >= 9 && binary_is_sm90_or_later<Kernel>() ? 1 : 0;
+  config.numAttrs = dependent_launch_enabled() && compute_capability_major() >= 9 && binary_is_sm90_or_later<Kernel>() ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, Kernel, args...));
 }
 
