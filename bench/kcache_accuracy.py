@@ -93,7 +93,11 @@ def main(argv=None) -> int:
     parser.add_argument("--calibrate", action="store_true", help="calibrate top_p per format first")
     parser.add_argument("--selector-for", action="append", default=[], metavar="FMT=DIR",
                         help="also evaluate format FMT with the selector in DIR (row FMT@<dir name>; repeatable)")
+    parser.add_argument("--center-keys", action="store_true",
+                        help="with --calibrate: refit each selector's key_center first (docs/kcache.md)")
     args = parser.parse_args(argv)
+    if args.center_keys and not args.calibrate:
+        parser.error("--center-keys needs --calibrate (the center is fitted on the calibration windows)")
     extra_rows = []
     for item in args.selector_for:
         fmt, _, directory = item.partition("=")
@@ -134,7 +138,8 @@ def main(argv=None) -> int:
             selectors.config.kcache_format = method.kcache_format
             calibrate_selectors(selectors, model, tokenizer, target_recall=calibration.get("target_recall", 0.95),
                                 context=calibration.get("contexts", [2048, 4096]),
-                                windows=calibration.get("windows", 4), prefill_reads_kcache=True)
+                                windows=calibration.get("windows", 4), prefill_reads_kcache=True,
+                                center_keys=args.center_keys)
             selectors.config.kcache_format = stored_format
         evaluated = harness.run_eval(model, handle, documents, [args.length], [method], docs_per_length=args.docs,
                                      progress=not args.no_progress, log=print)
@@ -170,6 +175,7 @@ def main(argv=None) -> int:
         "documents": result["documents"],
         "dtype": result["dtype"],
         "top_p": "calibrated per format" if args.calibrate else "shipped",
+        "key_center": "refitted per row" if args.center_keys else "as stored",
         "command": "python bench/kcache_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rows": rows,
     }

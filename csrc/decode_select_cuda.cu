@@ -16,9 +16,11 @@
 // and the cut is the first prefix reaching top_p, like the reference's running sum. Rows whose
 // E exceeds kMaxTop take the threshold search.
 //
-// Measured (H200, int4 keys, r = 64, 8 rows, k_max = 64; bench/decode_tune.py --select-probe):
-// 13 us at 512 blocks, 22 us at 2048, 62 us at 8192; dense fp32 keys 33 us at 2048. One CTA's
-// latency bounds it, not bytes: the next step is spreading a row's scoring over several CTAs.
+// Measured (H200, int4 keys, r = 64, 8 rows, k_max = 64; bench/decode_tune.py --select-probe,
+// bench/results/decode_select_probe_h200.json): 14 us at 512 blocks, 18 us at 2048, 42 us at
+// 8192; dense fp32 keys 21 us at 2048. Spreading the scoring over a cluster took 2048 blocks from
+// 23 to 18 us and 8192 from 65 to 42; what is left is one CTA's selection (softmax, radix passes,
+// ordering), the next thing to spread (each CTA's local top-E merged by the first).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -146,9 +148,9 @@ __device__ uint32_t kth_largest_key(const Selector& selector, TopShared& top, in
     const uint32_t resolved = shift == 24 ? 0u : ~((1u << (shift + 8)) - 1u);  // digits already fixed
     for (int i = threadIdx.x; i < 256; i += kThreads) top.bins[i] = 0;
     __syncthreads();
-    // A warp's keys mostly share their leading digits, and same-address shared atomics
-    // serialise: lanes with equal digits add once, through their lowest lane (at 8192 blocks the
-    // one-atomic-per-key histogram cost ~40 us).
+    // Lanes with equal digits add once, through their lowest lane: a warp's keys mostly share
+    // their leading digits. (Measured: no change at 2048 blocks against one atomic per key; the
+    // kernel's time is in instruction latency, not in these atomics.)
     for (int base = 0; base < selector.n; base += kThreads) {
       const int j = base + int(threadIdx.x);
       int digit = -1;

@@ -412,8 +412,8 @@ __global__ void __launch_bounds__(kHeadDim / 4) sparse_decode_merge_kernel(const
   allow_dependent_launch();
   const int64_t head = blockIdx.x;  // flat (sequence, query head)
   const int splits = params.num_splits;
-  // The LSEs come in with one load per thread and the partial rows with several loads in flight:
-  // a loop of dependent loads over the splits cost ~4 us at 32 splits.
+  // The LSEs come in with one load per thread, the partial rows with several loads in flight,
+  // not as a chain of dependent loads over the splits (3.9 us at 32 splits, B = 1, on an H200).
   for (int s = threadIdx.x; s < splits; s += blockDim.x) split_lse[s] = params.partial_lse[head * splits + s];
   __syncthreads();
   float max_lse = -INFINITY;

@@ -449,9 +449,6 @@ def distill(
         for selectors, _ in variants.values():
             for layer, (q, k, _) in captured.items():
                 selectors[layer].init_statistics(q, k)
-                # Centred keys are what a quantisation-aware run's fake K-cache sees; calibration
-                # refits the center on the trained selector.
-                selectors[layer].fit_key_center([k])
         del captured
     window_index = step // settings.updates_per_window
     while step < settings.steps:
@@ -570,6 +567,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-blocks", type=int, default=None, help="set the policy's local blocks before calibrating")
     parser.add_argument("--sink-blocks", type=int, default=None)
     parser.add_argument("--k-min", type=int, default=None)
+    parser.add_argument("--center-keys", action="store_true",
+                        help="before calibrating, fit each layer's key_center (the K-cache stores keys minus it)")
     parser.add_argument("--calibrate-only", action="store_true",
                         help="skip training: calibrate the selector already in --out")
     parser.add_argument("--heldout-report", action="store_true",
@@ -597,7 +596,8 @@ def run(args: argparse.Namespace) -> int:
 
         started = time.time()
         result = calibrate_selectors(selectors, model, tokenizer, target_recall=args.target_recall,
-                                     context=tuple(args.calib_ctx), windows=args.calib_windows)
+                                     context=tuple(args.calib_ctx), windows=args.calib_windows,
+                                     center_keys=args.center_keys)
         selectors.config.training["calibration"]["wall_time_s"] = round(time.time() - started, 1)
         selectors.save(args.out)
         summary = result["summary"]

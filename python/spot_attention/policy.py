@@ -337,7 +337,7 @@ def calibrate_selectors(
     seed: int = 0,
     split: str = "calibration",
     prefill_reads_kcache: bool = False,
-    center_keys: bool = True,
+    center_keys: bool = False,
 ) -> dict[str, Any]:
     """Captures ``windows`` windows of each ``context`` length from the calibration split, scores
     them with the selectors and sets ``selectors.config.top_p`` per layer (prefill and decode rows

@@ -42,13 +42,14 @@ Fixed per-dim gains (``key_gain`` etc., set by ``init_statistics`` from captured
 key dim to unit scale, so the 4-bit K-cache formats (one scale per 16 or 32 dims) lose little; the
 query side divides by the same gains, leaving scores unchanged.
 
-Every block key is stored minus a fixed per-(KV head) ``key_center``, the mean key of real text
-(``fit_key_center``). That shifts all logits of a row by the same ``-qsel . center``, so the
-block distribution is exactly unchanged, but the 4-bit formats then spend their levels on how
-blocks differ rather than on what they share: on held-out text the KL between the selector's
-distributions from float and from 4-bit keys drops by 2-3x (SmolLM2-135M, 2K tokens, all layers:
-int4 0.178 -> 0.095, mxfp4 0.162 -> 0.081, nvfp4 0.114 -> 0.035 nats, center fitted on another
-document). Files without a center load with zeros, which is the uncentred selector they stored.
+Block keys are returned minus a fixed per-(KV head) ``key_center`` (zero unless fitted:
+``fit_key_center``, or ``spot-attn distill --calibrate --center-keys``). A center shifts all
+logits of a row by the same ``-qsel . center``, so the block distribution is exactly unchanged,
+but a 4-bit K-cache then spends its levels on how blocks differ rather than on what they share:
+the KL between the selector's distributions from float and from 4-bit keys drops 2-3x on
+held-out text (docs/kcache.md, "Centred keys"). The shipped selector is not centred: with a
+centred int4 cache it lost one passkey case that dense attention solves. Files without a center
+load with zeros, which is the selector they stored.
 """
 
 from __future__ import annotations
