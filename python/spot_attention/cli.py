@@ -214,6 +214,8 @@ def command_eval(args) -> int:
                               progress=not args.no_progress, log=log)
     result["model"] = args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"
     result["train_ctx"] = train_context(selectors) if selectors is not None else None
+    result["selector"] = None if selectors is None else {
+        "path": args.selector or f"shipped:{DEFAULT_SELECTOR}", "block_size": selectors.config.block_size}
     result["quick"] = bool(args.quick)
     if passkey_lengths and selectors is not None:
         handle.method = methods[0]

@@ -544,6 +544,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loss", choices=LOSSES, default="forward_kl")
     parser.add_argument("--selector-dim", type=int, default=64)
+    parser.add_argument("--block-size", type=int, default=64,
+                        help="key (and prefill query) block size the selector chooses among")
     parser.add_argument("--tokens-per-window", type=int, default=256)
     parser.add_argument("--compare-loss", action="append", default=[], choices=LOSSES,
                         help="also train a variant with this loss on the same captures (repeatable)")
@@ -581,7 +583,8 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate_only:
         selectors = SpotSelectors.load(args.out, args.device)
     else:
-        settings = DistillSettings(selector_dim=args.selector_dim, tokens_per_window=args.tokens_per_window,
+        settings = DistillSettings(selector_dim=args.selector_dim, block_size=args.block_size,
+                                   tokens_per_window=args.tokens_per_window,
                                    updates_per_window=args.updates_per_window, replay=args.replay)
         selectors = distill(args.model, args.out, train_ctx=args.train_ctx, steps=args.steps, lr=args.lr,
                             seed=args.seed, loss=args.loss, resume=not args.no_resume, device=args.device,

@@ -24,6 +24,8 @@ def markdown(result: dict) -> str:
         "",
         f"device: {result.get('device')}; date: {result.get('date')}; commit: {result.get('commit')}; "
         f"selector train_ctx: {result.get('train_ctx')}; backend: {result.get('backend', {}).get('backend')}",
+        *([f"selector: {result['selector']['path']} (block {result['selector']['block_size']})", ""]
+          if result.get("selector") else []),
         "",
         "frac_read: KV blocks read / causally visible, over all full-attention layers (prefill). "
         "recall: teacher attention mass of the blocks read. ppl_delta_pct: sparse vs dense perplexity. "
