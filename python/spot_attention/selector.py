@@ -47,9 +47,8 @@ Block keys are returned minus a fixed per-(KV head) ``key_center`` (zero unless 
 logits of a row by the same ``-qsel . center``, so the block distribution is exactly unchanged,
 but a 4-bit K-cache then spends its levels on how blocks differ rather than on what they share:
 the KL between the selector's distributions from float and from 4-bit keys drops 2-3x on
-held-out text (docs/kcache.md, "Centred keys"). The shipped selector is not centred: with a
-centred int4 cache it lost one passkey case that dense attention solves. Files without a center
-load with zeros, which is the selector they stored.
+held-out text (docs/kcache.md, "Centred keys", which also says why the shipped selector is not
+centred). Files without a center load with zeros, which is the selector they stored.
 """
 
 from __future__ import annotations
