@@ -241,9 +241,6 @@ __device__ __forceinline__ void warpgroup_gemm_issue(TiledMma& tiled_mma, Tensor
   warpgroup_commit_batch();
 }
 
-// 2^x with the hardware approximation, flushing results below 2^-126 to zero (exp2f adds a
-// range fix-up per element that a softmax does not need). 2^-inf = 0.
-
 // Scales a stage of logits into the base-2 domain, masks it when kMask (the last stage: column c is
 // visible to a warpgroup row r when c <= r + diagonal_column), and folds it into the running softmax:
 // scores become unnormalised probabilities, row_max / row_sum are updated, and rescale[r] is
