@@ -349,25 +349,23 @@ def calibrate_selectors(
 
     contexts = [context] if isinstance(context, int) else list(context)
     used: list = []
-    texts, firsts = [], []
+    texts, firsts = [], []  # firsts: index in texts of each length's first window
     for length in contexts:
         windows_of_length = data.training_windows(tokenizer, length, windows, seed=seed, split=split, used=used)
+        firsts += [len(texts)] if windows_of_length else []
         texts += windows_of_length
-        firsts += windows_of_length[:1]
     generator = torch.Generator().manual_seed(seed)
+    # The K-cache stores keys minus a center (exact for the distributions, kinder to 4 bits): fit
+    # it on the first window of each length before any row reads the cache; those captures are
+    # kept for their rows rather than taken twice.
+    kept: dict[int, dict] = {}
     if center_keys:
-        # The K-cache stores keys minus a center (exact for the distributions, kinder to 4 bits):
-        # fit it on the first window of each length before the rows read the cache.
-        keys_by_layer: dict[int, list[torch.Tensor]] = {layer: [] for layer in selectors.layers}
-        for window in firsts:
-            for layer, (_, key, _) in capture_window(model, window[None], selectors.layers).items():
-                keys_by_layer[layer].append(key)
-        for layer, keys in keys_by_layer.items():
-            selectors[layer].fit_key_center(keys)
-        del keys_by_layer
+        kept = {index: capture_window(model, texts[index][None], selectors.layers) for index in firsts}
+        for layer in selectors.layers:
+            selectors[layer].fit_key_center([captured[layer][1] for captured in kept.values()])
     rows: dict[int, list[CalibrationRows]] = {layer: [] for layer in selectors.layers}
-    for window in texts:
-        captured = capture_window(model, window[None], selectors.layers)
+    for index, window in enumerate(texts):
+        captured = kept.pop(index, None) or capture_window(model, window[None], selectors.layers)
         for layer, (query, key, scaling) in captured.items():
             parts = selector_rows(selectors[layer], query, key, scaling, token_rows, generator,
                                   kcache_format=selectors.config.kcache_format,
