@@ -36,6 +36,11 @@ def git_commit() -> str:
     return package_commit()
 
 
+def device_tag(device, description: str) -> str:
+    """Results-file suffix: "cpu", or the last word of the GPU's name ("h200")."""
+    return "cpu" if device.type == "cpu" else description.split()[-1].lower()
+
+
 def time_us(function, budget_s: float = 2.0, min_iterations: int = 3, max_iterations: int = 50) -> float:
     """Median microseconds per call: one warm-up call, then as many CUDA-event timed calls as fit
     the budget (at least ``min_iterations``, at most ``max_iterations``)."""

@@ -164,6 +164,21 @@ def twilight_select(query, key_blocks, key_min, key_max, seq_lens, scale, budget
 # --------------------------------------------------------------------------------------------
 
 
+def kv_read_bytes(batch: int, heads_kv: int, tokens: int, dim: int) -> int:
+    """K and V rows (bf16) of `tokens` tokens for every sequence and KV head."""
+    return 2 * batch * heads_kv * tokens * dim * 2
+
+
+def selection_read_bytes(codes, key_scales, key_min, num_blocks: int, blocks: int) -> dict[str, int]:
+    """What each selection reads besides the attended KV: the packed selector cache (spot), the
+    per-block key bounds (quest), and the bounds plus the candidates' keys (twilight)."""
+    batch, heads_kv, _, dim = key_min.shape
+    bounds = 2 * key_min.numel() * key_min.element_size()
+    candidate_tokens = min(num_blocks, TWILIGHT_CANDIDATES * blocks) * BLOCK
+    return {"spot": codes.numel() + key_scales.numel() * key_scales.element_size(), "quest": bounds,
+            "twilight": bounds + kv_read_bytes(batch, heads_kv, candidate_tokens, dim) // 2}
+
+
 def budget_blocks(budget, length: int) -> int:
     visible = math.ceil(length / BLOCK)
     if isinstance(budget, str):
@@ -178,8 +193,7 @@ def run_config(shape_name, length, batch, budgets, timer, device, rows, log):
     group = heads_q // heads_kv
     scale = dim ** -0.5
     num_blocks = math.ceil(length / BLOCK)
-    element = 2
-    kv_bytes = 2 * batch * heads_kv * length * dim * element
+    kv_bytes = kv_read_bytes(batch, heads_kv, length, dim)
 
     def add(method, budget_tokens, us, nbytes):
         rows.append({"shape": shape_name, "L": length, "B": batch, "budget_tokens": int(budget_tokens),
@@ -239,19 +253,19 @@ def run_config(shape_name, length, batch, budgets, timer, device, rows, log):
     except Exception:  # no kernel for the device: the readable specification packs the same bytes
         codes, key_scales = reference.pack_kcache(selector_keys.cpu(), "int4")
         codes, key_scales = codes.to(device), key_scales.to(device)
-    selector_bytes = codes.numel() + key_scales.numel() * key_scales.element_size()
     num_visible = torch.full((batch, 1), num_blocks, dtype=torch.int32, device=device)
 
     # Quest metadata: per-block channel min / max of the keys.
     assert length % BLOCK == 0, "the sweep's lengths are whole blocks"
     key_blocks = keys.view(batch, heads_kv, num_blocks, BLOCK, dim)
     key_min, key_max = key_blocks.amin(3), key_blocks.amax(3)
-    bounds_bytes = 2 * key_min.numel() * element
 
     for budget in budgets:
         blocks = budget_blocks(budget, length)
         tokens = blocks * BLOCK
-        attend_bytes = 2 * batch * heads_kv * min(tokens, length) * dim * element
+        attend_bytes = kv_read_bytes(batch, heads_kv, min(tokens, length), dim)
+        selection_bytes = selection_read_bytes(codes, key_scales, key_min, num_blocks, blocks)
+        selector_bytes = selection_bytes["spot"]
         step = SparseDecodeStep(heads_q=heads_q, heads_kv=heads_kv, head_dim=dim, top_p=0.9, k_min=blocks,
                                 k_max=blocks, block_size=BLOCK, sink_blocks=SINK, local_blocks=LOCAL,
                                 kcache_format="int4")
@@ -299,10 +313,8 @@ def run_config(shape_name, length, batch, budgets, timer, device, rows, log):
             indices, twilight_counts = twilight_select(query, key_blocks, key_min, key_max, seq_lens, scale, blocks)
             return sa.sparse_decode(query, key_cache, value_cache, seq_lens, indices, twilight_counts, BLOCK, scale)
 
-        attempt("quest", tokens, quest, attend_bytes + bounds_bytes)
-        candidate_tokens = min(num_blocks, TWILIGHT_CANDIDATES * blocks) * BLOCK
-        attempt("twilight", tokens, twilight,
-                attend_bytes + bounds_bytes + batch * heads_kv * candidate_tokens * dim * element)
+        attempt("quest", tokens, quest, attend_bytes + selection_bytes["quest"])
+        attempt("twilight", tokens, twilight, attend_bytes + selection_bytes["twilight"])
     del keys, values, key_cache, value_cache, key_blocks, key_min, key_max
     torch.cuda.empty_cache()
 
@@ -328,9 +340,8 @@ def run_layered(shape_name, length, batch, budget, layers, timer, device, rows, 
     num_blocks = math.ceil(length / BLOCK)
     blocks = budget_blocks(budget, length)
     tokens = blocks * BLOCK
-    element = 2
-    kv_bytes = 2 * batch * heads_kv * length * dim * element
-    attend_bytes = 2 * batch * heads_kv * min(tokens, length) * dim * element
+    kv_bytes = kv_read_bytes(batch, heads_kv, length, dim)
+    attend_bytes = kv_read_bytes(batch, heads_kv, min(tokens, length), dim)
     free_bytes, _ = torch.cuda.mem_get_info(device)
     layers = min(layers, int(0.6 * free_bytes // (kv_bytes * 1.15)))
     if layers < 2:
@@ -356,9 +367,8 @@ def run_layered(shape_name, length, batch, budget, layers, timer, device, rows, 
             torch.rand(batch, heads_kv, num_blocks, device=device, generator=generator), seq_lens, BLOCK, blocks,
             SINK, LOCAL)
         inputs.append(layer)
-    selector_bytes = inputs[0]["codes"].numel() + inputs[0]["scales"].numel() * inputs[0]["scales"].element_size()
-    bounds_bytes = 2 * inputs[0]["key_min"].numel() * element
-    candidate_tokens = min(num_blocks, TWILIGHT_CANDIDATES * blocks) * BLOCK
+    selection_bytes = selection_read_bytes(inputs[0]["codes"], inputs[0]["scales"], inputs[0]["key_min"], num_blocks,
+                                           blocks)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -376,16 +386,15 @@ def run_layered(shape_name, length, batch, budget, layers, timer, device, rows, 
     methods = [
         ("sdpa_flash", length, kv_bytes, lambda x: dense(SDPBackend.FLASH_ATTENTION, x)),
         ("sdpa_cudnn", length, kv_bytes, lambda x: dense(SDPBackend.CUDNN_ATTENTION, x)),
-        ("spot_step", tokens, attend_bytes + selector_bytes,
+        ("spot_step", tokens, attend_bytes + selection_bytes["spot"],
          lambda x: step.run(x["query"], x["keys"].transpose(1, 2), x["values"].transpose(1, 2), seq_lens,
                             x["codes"], x["scales"], None, x["selector_query"])),
-        ("spot_select", tokens, selector_bytes,
+        ("spot_select", tokens, selection_bytes["spot"],
          lambda x: step.select(x["selector_query"], x["codes"], x["scales"], seq_lens)),
         ("spot_attend", tokens, attend_bytes,
          lambda x: sa.sparse_decode(x["query"], x["keys"].transpose(1, 2), x["values"].transpose(1, 2), seq_lens,
                                     x["chosen"], x["counts"], BLOCK, scale)),
-        ("twilight", tokens, attend_bytes + bounds_bytes + batch * heads_kv * candidate_tokens * dim * element,
-         twilight),
+        ("twilight", tokens, attend_bytes + selection_bytes["twilight"], twilight),
     ]
     for method, budget_tokens, nbytes, run in methods:
         try:

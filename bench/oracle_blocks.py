@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from benchlib import ROOT, git_commit, import_spot_attention
+from benchlib import ROOT, device_tag, git_commit, import_spot_attention
 
 
 def main(argv=None) -> int:
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     name = harness.device_description(device)
     out = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": git_commit(), "L": args.length, "documents": result["documents"], "rows": rows}
-    tag = "cpu" if device.type == "cpu" else name.split()[-1].lower()
+    tag = device_tag(device, name)
     path = args.out or os.path.join(ROOT, "bench", "results", f"oracle_blocks_{tag}.json")
     with open(path, "w") as handle:
         json.dump(out, handle, indent=1)

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from benchlib import ROOT, git_commit, import_spot_attention
+from benchlib import ROOT, device_tag, git_commit, import_spot_attention
 
 
 def main(argv=None) -> int:
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
               "commit": git_commit(), "lengths": args.lengths, "depths": args.depths, "seed": args.seed,
               "command": "python bench/passkey_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "summary": summary, "rows": results}
-    tag = "cpu" if device.type == "cpu" else device_name.split()[-1].lower()
+    tag = device_tag(device, device_name)
     out = args.out or os.path.join(ROOT, "bench", "results", f"passkey_sweep_{tag}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as handle:
