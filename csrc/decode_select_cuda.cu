@@ -125,7 +125,9 @@ struct SelectShared {
   double* prob;               // [width]
   uint32_t* top_keys;         // [kMaxTop]
   int32_t* top_blocks;        // [kMaxTop], as gathered
+  double* top_prob;           // [kMaxTop], their probabilities
   int32_t* sorted_blocks;     // [kMaxTop], by (probability desc, index asc)
+  double* sorted_prob;        // [kMaxTop]
   double* reduce_scratch;     // kWarps doubles
 };
 
@@ -140,7 +142,8 @@ using Selector = select_device::RowSelector<select_device::BlockGroup<kWarps>>;
 
 // The largest order key T with count(candidate keys >= T) >= wanted (0 < wanted <= candidates),
 // by four 8-bit digit passes of a count histogram; `above` receives count(keys > T).
-__device__ uint32_t kth_largest_key(const Selector& selector, TopShared& top, int wanted, int& above) {
+__device__ uint32_t kth_largest_key(const Selector& selector, TopShared& top, int wanted, int& above, int begin,
+                                   int end) {
   const int lane = threadIdx.x & 31;
   uint32_t prefix = 0;
   int found_above = 0;
@@ -151,10 +154,10 @@ __device__ uint32_t kth_largest_key(const Selector& selector, TopShared& top, in
     // Lanes with equal digits add once, through their lowest lane: a warp's keys mostly share
     // their leading digits. (Measured: no change at 2048 blocks against one atomic per key; the
     // kernel's time is in instruction latency, not in these atomics.)
-    for (int base = 0; base < selector.n; base += kThreads) {
+    for (int base = begin; base < end; base += kThreads) {
       const int j = base + int(threadIdx.x);
       int digit = -1;
-      if (selector.is_candidate(j)) {
+      if (j < end && selector.is_candidate(j)) {
         const uint32_t key = selector.key(j);
         if (((key ^ prefix) & resolved) == 0) digit = int((key >> shift) & 0xFFu);
       }
@@ -201,84 +204,108 @@ __device__ uint32_t kth_largest_key(const Selector& selector, TopShared& top, in
   return prefix;
 }
 
-// Decode rows are few (batch x KV heads) and wide (one logit per cached block). Only the
-// E = min(k_max - forced, candidates) best candidates can be chosen, and the top-p cut falls
-// inside them or the clamp to k_max applies: so find them by a count radix select, order just
-// them, and scan their masses. E <= kMaxTop here; returns the count.
-__device__ int select_row_top(const SelectShared shared, TopShared& top, const DecodeRow row,
-                              const SelectKnobs knobs, int32_t* out) {
-  const int n = max(row.visible, 0);
-  const select_device::BlockGroup<kWarps> group{shared.reduce_scratch};
-  const Selector selector{group, select_device::RowView{shared.scores, shared.prob, min(max(row.scored, 0), n), n},
-                          knobs, n};
-  selector.softmax();
-  __syncthreads();  // keys read probabilities other threads wrote
+// Where the forced blocks of a row of n visible blocks lie: [0, sink_end) and [local_begin, n).
+struct RowShape {
+  int n, num_forced, num_candidates, sink_end, local_begin, wanted;
+};
 
-  const int num_forced = forced_block_count(n, knobs.sink_blocks, knobs.local_blocks);
-  const int num_candidates = n - num_forced;
-  const int sink_end = min(knobs.sink_blocks, n);            // forced prefix [0, sink_end)
-  const int local_begin = max(n - knobs.local_blocks, sink_end);  // forced suffix [local_begin, n)
-  const int wanted = min(knobs.k_max - num_forced, num_candidates);
+__device__ RowShape row_shape(const DecodeRow row, const SelectKnobs knobs) {
+  RowShape shape;
+  shape.n = max(row.visible, 0);
+  shape.num_forced = forced_block_count(shape.n, knobs.sink_blocks, knobs.local_blocks);
+  shape.num_candidates = shape.n - shape.num_forced;
+  shape.sink_end = min(knobs.sink_blocks, shape.n);
+  shape.local_begin = max(shape.n - knobs.local_blocks, shape.sink_end);
+  // Only the E = min(k_max - forced, candidates) best candidates can ever be chosen.
+  shape.wanted = min(knobs.k_max - shape.num_forced, shape.num_candidates);
+  return shape;
+}
 
-  // Forced mass, in 2^-62 units like every mass below.
-  unsigned long long forced_here = 0;
-  for (int j = threadIdx.x; j < sink_end; j += kThreads) forced_here += __double2ull_rn(selector.probability(j) * kMassScale);
-  for (int j = local_begin + int(threadIdx.x); j < n; j += kThreads) {
-    forced_here += __double2ull_rn(selector.probability(j) * kMassScale);
+// Forced mass of the blocks in [begin, end), in 2^-62 units like every mass below; every thread
+// gets the sum.
+__device__ unsigned long long forced_mass_in(const Selector& selector, TopShared& top, const RowShape& shape,
+                                             int begin, int end) {
+  unsigned long long here = 0;
+  for (int j = max(begin, 0) + int(threadIdx.x); j < min(end, shape.sink_end); j += kThreads) {
+    here += __double2ull_rn(selector.probability(j) * kMassScale);
   }
-  unsigned long long forced_mass, unused;
-  TopShared::MassScan(top.mass_scan).ExclusiveSum(forced_here, unused, forced_mass);
+  for (int j = max(begin, shape.local_begin) + int(threadIdx.x); j < min(end, shape.n); j += kThreads) {
+    here += __double2ull_rn(selector.probability(j) * kMassScale);
+  }
+  unsigned long long total, unused;
+  TopShared::MassScan(top.mass_scan).ExclusiveSum(here, unused, total);
   __syncthreads();
+  return total;
+}
 
-  int extra = 0;
-  if (wanted > 0) {
-    int count_above;
-    const uint32_t threshold = kth_largest_key(selector, top, wanted, count_above);
-    const int ties_wanted = wanted - count_above;
-
-    // Gather the candidates above the threshold and the lowest-indexed ties at it: each thread
-    // takes a contiguous range of blocks so that one scan orders the ties by index.
-    const int chunk = (n + kThreads - 1) / kThreads;
-    const int begin = min(n, int(threadIdx.x) * chunk), end = min(n, begin + chunk);
-    unsigned long long local = 0;  // above count << 32 | tie count
-    for (int j = begin; j < end; ++j) {
-      if (!selector.is_candidate(j)) continue;
-      const uint32_t key = selector.key(j);
-      local += key > threshold ? (1ull << 32) : (key == threshold ? 1ull : 0ull);
+// The `wanted` best candidates of [begin, end) (ties at the threshold lowest index first), written
+// unordered to keys / blocks / prob [0, wanted) (shared memory of this CTA or of another CTA of
+// the cluster). 0 < wanted <= candidates in the range.
+__device__ void gather_top(const Selector& selector, TopShared& top, int wanted, int begin, int end, uint32_t* keys,
+                           int32_t* blocks, double* prob) {
+  int count_above;
+  const uint32_t threshold = kth_largest_key(selector, top, wanted, count_above, begin, end);
+  const int ties_wanted = wanted - count_above;
+  // Each thread takes a contiguous range of blocks so that one scan orders the ties by index.
+  const int chunk = (end - begin + kThreads - 1) / kThreads;
+  const int first = min(end, begin + int(threadIdx.x) * chunk), last = min(end, first + chunk);
+  unsigned long long local = 0;  // above count << 32 | tie count
+  for (int j = first; j < last; ++j) {
+    if (!selector.is_candidate(j)) continue;
+    const uint32_t key = selector.key(j);
+    local += key > threshold ? (1ull << 32) : (key == threshold ? 1ull : 0ull);
+  }
+  unsigned long long before;
+  TopShared::MassScan(top.mass_scan).ExclusiveSum(local, before);
+  int above_slot = int(before >> 32), tie_rank = int(before & 0xFFFFFFFFu);
+  for (int j = first; j < last; ++j) {
+    if (!selector.is_candidate(j)) continue;
+    const uint32_t key = selector.key(j);
+    int slot = -1;
+    if (key > threshold) {
+      slot = above_slot++;
+    } else if (key == threshold) {
+      if (tie_rank < ties_wanted) slot = count_above + tie_rank;
+      ++tie_rank;
     }
-    unsigned long long before;
-    TopShared::MassScan(top.mass_scan).ExclusiveSum(local, before);
-    int above_slot = int(before >> 32), tie_rank = int(before & 0xFFFFFFFFu);
-    for (int j = begin; j < end; ++j) {
-      if (!selector.is_candidate(j)) continue;
-      const uint32_t key = selector.key(j);
-      int slot = -1;
-      if (key > threshold) {
-        slot = above_slot++;
-      } else if (key == threshold) {
-        if (tie_rank < ties_wanted) slot = count_above + tie_rank;
-        ++tie_rank;
-      }
-      if (slot >= 0) {
-        shared.top_keys[slot] = key;
-        shared.top_blocks[slot] = j;
-      }
+    if (slot >= 0) {
+      keys[slot] = key;
+      blocks[slot] = j;
+      prob[slot] = selector.probability(j);
     }
-    __syncthreads();
+  }
+  __syncthreads();
+}
 
-    // Their order: rank by counting (E <= kMaxTop, so at most kMaxTop^2 / kThreads compares each).
-    for (int i = threadIdx.x; i < wanted; i += kThreads) {
-      const uint32_t key = shared.top_keys[i];
-      const int block = shared.top_blocks[i];
-      int rank = 0;
-      for (int m = 0; m < wanted; ++m) {
-        const uint32_t other = shared.top_keys[m];
-        rank += (other > key || (other == key && shared.top_blocks[m] < block)) ? 1 : 0;
-      }
+// Orders gathered candidates by (key desc, index asc), counting for each how many precede it:
+// slot i of [0, slots) holds a candidate when valid(i). Ranks below `wanted` land in sorted_*.
+template <class Valid>
+__device__ void rank_candidates(const SelectShared& shared, int slots, int wanted, Valid valid) {
+  for (int i = threadIdx.x; i < slots; i += kThreads) {
+    if (!valid(i)) continue;
+    const uint32_t key = shared.top_keys[i];
+    const int block = shared.top_blocks[i];
+    int rank = 0;
+    for (int m = 0; m < slots; ++m) {
+      const uint32_t other = shared.top_keys[m];
+      rank += (valid(m) && (other > key || (other == key && shared.top_blocks[m] < block))) ? 1 : 0;
+    }
+    if (rank < wanted) {
       shared.sorted_blocks[rank] = block;
+      shared.sorted_prob[rank] = shared.top_prob[i];
     }
-    __syncthreads();
+  }
+  __syncthreads();
+}
 
+// From the `wanted` best candidates in order (sorted_blocks / sorted_prob) and the forced mass:
+// the top-p cut, the [k_min, k_max] clamp and the output row (forced prefix, chosen ascending,
+// forced suffix, -1 padding). Returns the count.
+__device__ int finish_selection(const SelectShared& shared, TopShared& top, const RowShape& shape,
+                                unsigned long long forced_mass, const SelectKnobs knobs, int32_t* out) {
+  const select_device::BlockGroup<kWarps> group{shared.reduce_scratch};
+  int extra = 0;
+  if (shape.wanted > 0) {
     // Candidate of rank r is taken for top_p while forced + mass(ranks < r) < top_p. A cut past
     // the E gathered means the clamp to k_max decides (or every candidate is taken).
     constexpr int kRanksPerThread = kMaxTop / kThreads;
@@ -286,7 +313,7 @@ __device__ int select_row_top(const SelectShared shared, TopShared& top, const D
 #pragma unroll
     for (int i = 0; i < kRanksPerThread; ++i) {
       const int rank = int(threadIdx.x) * kRanksPerThread + i;
-      prefix[i] = rank < wanted ? __double2ull_rn(selector.probability(shared.sorted_blocks[rank]) * kMassScale) : 0ull;
+      prefix[i] = rank < shape.wanted ? __double2ull_rn(shared.sorted_prob[rank] * kMassScale) : 0ull;
     }
     TopShared::MassScan(top.mass_scan).ExclusiveSum(prefix, prefix);
     const unsigned long long target = static_cast<unsigned long long>(ceil(knobs.top_p * kMassScale));
@@ -294,29 +321,50 @@ __device__ int select_row_top(const SelectShared shared, TopShared& top, const D
 #pragma unroll
     for (int i = 0; i < kRanksPerThread; ++i) {
       const int rank = int(threadIdx.x) * kRanksPerThread + i;
-      taken_here += (rank < wanted && forced_mass + prefix[i] < target) ? 1 : 0;
+      taken_here += (rank < shape.wanted && forced_mass + prefix[i] < target) ? 1 : 0;
     }
     const int k_p = group.sum(taken_here);  // its barriers also retire the scan's storage
-    const int total = min(max(num_forced + k_p, knobs.k_min), knobs.k_max);
-    extra = min(max(total - num_forced, 0), wanted);
+    const int total = min(max(shape.num_forced + k_p, knobs.k_min), knobs.k_max);
+    extra = min(max(total - shape.num_forced, 0), shape.wanted);
 
     // Chosen candidates lie between the forced prefix and suffix: output slot = sink_end + their
     // ascending rank among the chosen.
     for (int r = threadIdx.x; r < extra; r += kThreads) {
       const int block = shared.sorted_blocks[r];
-      int position = sink_end;
+      int position = shape.sink_end;
       for (int m = 0; m < extra; ++m) position += shared.sorted_blocks[m] < block ? 1 : 0;
       if (position < knobs.k_max) out[position] = block;
     }
   }
-  for (int j = threadIdx.x; j < sink_end; j += kThreads) out[j] = j;
-  for (int j = local_begin + int(threadIdx.x); j < n; j += kThreads) {
-    const int position = sink_end + extra + (j - local_begin);
+  for (int j = threadIdx.x; j < shape.sink_end; j += kThreads) out[j] = j;
+  for (int j = shape.local_begin + int(threadIdx.x); j < shape.n; j += kThreads) {
+    const int position = shape.sink_end + extra + (j - shape.local_begin);
     if (position < knobs.k_max) out[position] = j;
   }
-  const int count = num_forced + extra;
+  const int count = shape.num_forced + extra;
   for (int i = count + int(threadIdx.x); i < knobs.k_max; i += kThreads) out[i] = -1;
   return count;
+}
+
+// Decode rows are few (batch x KV heads) and wide (one logit per cached block). Only the E best
+// candidates can be chosen, and the top-p cut falls inside them or the clamp to k_max applies:
+// so find them by a count radix select, order just them, and scan their masses. E <= kMaxTop
+// here; returns the count.
+__device__ int select_row_top(const SelectShared shared, TopShared& top, const DecodeRow row,
+                              const SelectKnobs knobs, int32_t* out) {
+  const RowShape shape = row_shape(row, knobs);
+  const select_device::BlockGroup<kWarps> group{shared.reduce_scratch};
+  const Selector selector{group,
+                          select_device::RowView{shared.scores, shared.prob, min(max(row.scored, 0), shape.n), shape.n},
+                          knobs, shape.n};
+  selector.softmax();
+  __syncthreads();  // keys read probabilities other threads wrote
+  const unsigned long long forced_mass = forced_mass_in(selector, top, shape, 0, shape.n);
+  if (shape.wanted > 0) {
+    gather_top(selector, top, shape.wanted, 0, shape.n, shared.top_keys, shared.top_blocks, shared.top_prob);
+    rank_candidates(shared, shape.wanted, shape.wanted, [](int) { return true; });
+  }
+  return finish_selection(shared, top, shape, forced_mass, knobs, out);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -324,9 +372,9 @@ __device__ int select_row_top(const SelectShared shared, TopShared& top, const D
 // ------------------------------------------------------------------------------------------
 
 // Dynamic shared memory: prob [width] doubles, scores [width] floats, query [dim] floats, then
-// the top-E keys, blocks and sorted blocks [kMaxTop] each.
+// the top-E probabilities, sorted probabilities, keys, blocks and sorted blocks [kMaxTop] each.
 struct SharedLayout {
-  size_t scores, query, top_keys, top_blocks, sorted_blocks, bytes;
+  size_t scores, query, top_prob, sorted_prob, top_keys, top_blocks, sorted_blocks, bytes;
 };
 
 __host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
@@ -335,18 +383,21 @@ __host__ __device__ inline SharedLayout shared_layout(int width, int dim) {
   SharedLayout layout;
   layout.scores = align16(size_t(width) * sizeof(double));
   layout.query = layout.scores + align16(size_t(width) * sizeof(float));
-  layout.top_keys = layout.query + align16(size_t(dim) * sizeof(float));
+  layout.top_prob = layout.query + align16(size_t(dim) * sizeof(float));
+  layout.sorted_prob = layout.top_prob + kMaxTop * sizeof(double);
+  layout.top_keys = layout.sorted_prob + kMaxTop * sizeof(double);
   layout.top_blocks = layout.top_keys + kMaxTop * sizeof(uint32_t);
   layout.sorted_blocks = layout.top_blocks + kMaxTop * sizeof(int32_t);
   layout.bytes = layout.sorted_blocks + kMaxTop * sizeof(int32_t);
   return layout;
 }
 
-// A row's scoring can be spread over a thread-block cluster of `ranks` CTAs (Hopper): CTA r
-// scores blocks [r * kThreads, (r + 1) * kThreads) + k * ranks * kThreads and writes the logits
-// straight into the first CTA's shared memory, which alone then selects. With one row per
-// (sequence, KV head), a small batch otherwise leaves all but a few SMs idle while each of those
-// decodes several thousand 4-bit keys one after another.
+// A small batch has few rows (one per sequence and KV head), so on Hopper a row is spread over a
+// thread-block cluster of `ranks` CTAs: CTA r owns a contiguous chunk of the row's blocks,
+// scores them, joins the row's max and sum through the first CTA's shared memory, and finds its
+// chunk's E best candidates, which it writes into the first CTA's shared memory. The first CTA
+// orders those (at most ranks x E) candidates and finishes as a single CTA would. The result is
+// the single-CTA one but for the order of the float64 softmax sum.
 __device__ __forceinline__ int cluster_rank() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   return int(cooperative_groups::this_cluster().block_rank());
@@ -355,21 +406,96 @@ __device__ __forceinline__ int cluster_rank() {
 #endif
 }
 
-__device__ __forceinline__ float* first_cta_shared(float* local, int ranks) {
+// `local` in the first CTA of the cluster (itself without a cluster).
+template <typename T>
+__device__ __forceinline__ T* in_first_cta(T* local) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (ranks > 1) return cooperative_groups::this_cluster().map_shared_rank(local, 0);
-#endif
+  return cooperative_groups::this_cluster().map_shared_rank(local, 0);
+#else
   return local;
+#endif
 }
 
-__device__ __forceinline__ void cluster_barrier(int ranks) {
+__device__ __forceinline__ void cluster_barrier() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (ranks > 1) {
-    cooperative_groups::this_cluster().sync();  // remote logits written and visible
-    return;
-  }
-#endif
+  cooperative_groups::this_cluster().sync();  // remote shared-memory writes visible
+#else
   __syncthreads();
+#endif
+}
+
+constexpr int kMaxRanks = 8;
+
+// What the CTAs of a cluster exchange through the first CTA's shared memory.
+struct ClusterShared {
+  double max[kMaxRanks], sum[kMaxRanks];
+  unsigned long long forced_mass[kMaxRanks];
+  int candidates[kMaxRanks];
+};
+
+// The clustered selection of a row; `begin`, `end`: this CTA's chunk, already scored into its
+// own `shared.scores`. Returns the count in the first CTA, -1 in the others (which must not touch
+// shared memory of the first CTA afterwards: they exit).
+__device__ int select_row_clustered(const SelectShared shared, TopShared& top, ClusterShared& cluster,
+                                    const DecodeRow row, const SelectKnobs knobs, int32_t* out, int rank, int ranks,
+                                    int begin, int end) {
+  const RowShape shape = row_shape(row, knobs);
+  const int scored = min(max(row.scored, 0), shape.n);
+  const select_device::BlockGroup<kWarps> group{shared.reduce_scratch};
+  ClusterShared& first = *in_first_cta(&cluster);
+
+  // Softmax over the whole row: max and sum joined across the cluster in rank order.
+  double local_max = -INFINITY;
+  for (int j = begin + int(threadIdx.x); j < min(end, scored); j += kThreads) {
+    local_max = fmax(local_max, double(shared.scores[j]));
+  }
+  local_max = group.max(local_max);
+  if (threadIdx.x == 0) first.max[rank] = local_max;
+  cluster_barrier();
+  double row_max = first.max[0];
+  for (int r = 1; r < ranks; ++r) row_max = fmax(row_max, first.max[r]);
+  double local_sum = 0;
+  for (int j = begin + int(threadIdx.x); j < min(end, scored); j += kThreads) {
+    const double e = row_max == -INFINITY ? 0.0 : exp(double(shared.scores[j]) - row_max);
+    shared.prob[j] = e;
+    local_sum += e;
+  }
+  local_sum = group.sum(local_sum);
+  if (threadIdx.x == 0) first.sum[rank] = local_sum;
+  cluster_barrier();
+  double total = first.sum[0];
+  for (int r = 1; r < ranks; ++r) total += first.sum[r];
+  for (int j = begin + int(threadIdx.x); j < min(end, scored); j += kThreads) {
+    shared.prob[j] = row_max == -INFINITY ? 0.0 : shared.prob[j] / total;
+  }
+  __syncthreads();
+
+  // This chunk's E best candidates (E = the row's wanted count, at most its candidates here),
+  // into slots [rank * E, rank * E + E_r) of the first CTA.
+  const Selector selector{group, select_device::RowView{shared.scores, shared.prob, scored, shape.n}, knobs, shape.n};
+  const int forced_here = max(0, min(end, shape.sink_end) - begin) + max(0, end - max(begin, shape.local_begin));
+  const int wanted_here = max(0, min(shape.wanted, (end - begin) - forced_here));
+  if (wanted_here > 0) {
+    const int offset = rank * shape.wanted;
+    gather_top(selector, top, wanted_here, begin, end, in_first_cta(shared.top_keys) + offset,
+               in_first_cta(shared.top_blocks) + offset, in_first_cta(shared.top_prob) + offset);
+  }
+  const unsigned long long forced_mass_here = forced_mass_in(selector, top, shape, begin, end);
+  if (threadIdx.x == 0) {
+    first.forced_mass[rank] = forced_mass_here;
+    first.candidates[rank] = wanted_here;
+  }
+  cluster_barrier();
+  if (rank != 0) return -1;
+
+  unsigned long long forced_mass = 0;
+  for (int r = 0; r < ranks; ++r) forced_mass += cluster.forced_mass[r];
+  if (shape.wanted > 0) {
+    const int per_rank = shape.wanted;
+    rank_candidates(shared, ranks * per_rank, per_rank,
+                    [&](int i) { return i % per_rank < cluster.candidates[i / per_rank]; });
+  }
+  return finish_selection(shared, top, shape, forced_mass, knobs, out);
 }
 
 // kClustered: launched in clusters of `ranks` CTAs per row. Such a grid spans few SMs, so it may
@@ -382,6 +508,7 @@ __global__ void __launch_bounds__(kThreads, kClustered ? 1 : 2)
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   __shared__ double reduce_scratch[kWarps];
   __shared__ TopShared top;
+  __shared__ ClusterShared cluster;
   const int width = params.num_key_blocks, dim = params.dim;
   const SharedLayout layout = shared_layout(width, dim);
   double* prob = reinterpret_cast<double*>(shared_bytes);
@@ -392,67 +519,78 @@ __global__ void __launch_bounds__(kThreads, kClustered ? 1 : 2)
   const int h = blockIdx.x / ranks, b = blockIdx.y;
   const int64_t pair = int64_t(b) * params.heads + h;
   const DecodeRow row = decode_row(params, b);
+  // This CTA's chunk of the row's visible blocks (the whole row without a cluster).
+  const int n = max(row.visible, 0);
+  const int chunk = (n + ranks - 1) / ranks;
+  const int begin = min(n, rank * chunk), end = min(n, begin + chunk);
 
   const bool chunked_keys = (size_t(dim) * sizeof(key_t)) % 16 == 0 && reinterpret_cast<uintptr_t>(params.keys) % 16 == 0;
   const query_t* query_row = static_cast<const query_t*>(params.query) + pair * dim;
   for (int k = threadIdx.x; k < dim; k += kThreads) query[k] = to_float(query_row[k]);
   __syncthreads();
-  float* row_scores = first_cta_shared(scores, ranks);
 #pragma unroll 4
-  for (int j = rank * kThreads + int(threadIdx.x); j < row.scored; j += ranks * kThreads) {
+  for (int j = begin + int(threadIdx.x); j < min(end, row.scored); j += kThreads) {
     const int64_t key_row = pair * width + j;
     if constexpr (Format == KCacheFormat::kDense) {
-      row_scores[j] = score_dense(query, static_cast<const key_t*>(params.keys) + key_row * dim, dim,
-                                  params.softmax_scale, chunked_keys);
+      scores[j] = score_dense(query, static_cast<const key_t*>(params.keys) + key_row * dim, dim,
+                              params.softmax_scale, chunked_keys);
     } else {
       constexpr int kGroup = kcache::FormatTraits<Format>::kGroupSize;
       const uint8_t* codes = static_cast<const uint8_t*>(params.keys) + key_row * (dim / 2);
       const uint8_t* scales = static_cast<const uint8_t*>(params.key_scales) +
                               key_row * (dim / kGroup) * packed_scale_bytes(Format);
-      row_scores[j] = score_packed<Format>(query, codes, scales, dim, params.global_scale, params.softmax_scale);
+      scores[j] = score_packed<Format>(query, codes, scales, dim, params.global_scale, params.softmax_scale);
     }
   }
-  cluster_barrier(ranks);
-  if (rank != 0) return;
+  __syncthreads();
 
   const SelectKnobs knobs{params.top_p, params.k_min, params.k_max, params.sink_blocks, params.local_blocks};
   int32_t* out = params.indices + pair * params.k_max;
-  const int n = max(row.visible, 0);
-  const int num_forced = forced_block_count(n, knobs.sink_blocks, knobs.local_blocks);
+  const SelectShared shared{scores,
+                            prob,
+                            reinterpret_cast<uint32_t*>(shared_bytes + layout.top_keys),
+                            reinterpret_cast<int32_t*>(shared_bytes + layout.top_blocks),
+                            reinterpret_cast<double*>(shared_bytes + layout.top_prob),
+                            reinterpret_cast<int32_t*>(shared_bytes + layout.sorted_blocks),
+                            reinterpret_cast<double*>(shared_bytes + layout.sorted_prob),
+                            reduce_scratch};
   int count;
-  if (min(knobs.k_max - num_forced, n - num_forced) <= kMaxTop) {
-    const SelectShared shared{scores,
-                              prob,
-                              reinterpret_cast<uint32_t*>(shared_bytes + layout.top_keys),
-                              reinterpret_cast<int32_t*>(shared_bytes + layout.top_blocks),
-                              reinterpret_cast<int32_t*>(shared_bytes + layout.sorted_blocks),
-                              reduce_scratch};
-    count = select_row_top(shared, top, row, knobs, out);
+  if constexpr (kClustered) {
+    count = select_row_clustered(shared, top, cluster, row, knobs, out, rank, ranks, begin, end);
+    if (count < 0) return;
   } else {
-    const select_device::RowView view{scores, prob, row.scored, row.visible};
-    const select_device::BlockGroup<kWarps> group{reduce_scratch};
-    count = select_device::select_row(group, view, knobs, out);
+    const int num_forced = forced_block_count(n, knobs.sink_blocks, knobs.local_blocks);
+    if (min(knobs.k_max - num_forced, n - num_forced) <= kMaxTop) {
+      count = select_row_top(shared, top, row, knobs, out);
+    } else {
+      const select_device::RowView view{scores, prob, row.scored, row.visible};
+      const select_device::BlockGroup<kWarps> group{reduce_scratch};
+      count = select_device::select_row(group, view, knobs, out);
+    }
   }
   if (threadIdx.x == 0) params.counts[pair] = count;
 }
 
 // CTAs per row: while the grid stays within a quarter of the SMs, at most one pass of kThreads
-// keys per CTA and at most the portable cluster size; 1 (a plain launch) before Hopper.
+// keys per CTA, every CTA's E candidates fit the first CTA's kMaxTop slots, and at most the
+// portable cluster size; 1 (a plain launch) before Hopper.
 template <auto ClusteredKernel>
-int scoring_ranks(const DecodeSelectParams& params) {
-  constexpr int kMaxRanks = 8;
+int cluster_ranks(const DecodeSelectParams& params) {
   if (compute_capability_major() < 9 || !binary_is_sm90_or_later<ClusteredKernel>()) return 1;
   const int64_t rows = int64_t(params.batch) * params.heads;
   const int64_t passes = (int64_t(params.num_key_blocks) + kThreads - 1) / kThreads;
   int ranks = 1;
-  while (ranks < kMaxRanks && ranks < passes && rows * ranks * 4 <= multiprocessor_count()) ranks *= 2;
+  while (ranks < kMaxRanks && ranks < passes && rows * ranks * 4 <= multiprocessor_count() &&
+         int64_t(ranks) * 2 * std::max(params.k_max, 1) <= kMaxTop) {
+    ranks *= 2;
+  }
   return ranks;
 }
 
 template <typename query_t, typename key_t, KCacheFormat Format>
 void launch(const DecodeSelectParams& params) {
   const size_t shared_bytes = shared_layout(params.num_key_blocks, params.dim).bytes;
-  const int ranks = scoring_ranks<decode_select_kernel<query_t, key_t, Format, true>>(params);
+  const int ranks = cluster_ranks<decode_select_kernel<query_t, key_t, Format, true>>(params);
   auto kernel = ranks > 1 ? decode_select_kernel<query_t, key_t, Format, true>
                           : decode_select_kernel<query_t, key_t, Format, false>;
   if (shared_bytes > 48 * 1024) {
