@@ -119,16 +119,31 @@ __device__ float score_packed(const float* query, const uint8_t* codes, const vo
 // Top-E selection
 // ------------------------------------------------------------------------------------------
 
+// Candidate blocks in shared memory, entries [first, kMaxTop) of an array of kMaxTop
+// probabilities, then kMaxTop order keys, then kMaxTop block indices. One pointer, not three:
+// the plain kernel is at its 64-register limit.
+struct Candidates {
+  unsigned char* base;
+  int first;
+
+  __device__ double* prob() const { return reinterpret_cast<double*>(base) + first; }
+  __device__ uint32_t* keys() const { return reinterpret_cast<uint32_t*>(base + kMaxTop * sizeof(double)) + first; }
+  __device__ int32_t* blocks() const {
+    return reinterpret_cast<int32_t*>(base + kMaxTop * (sizeof(double) + sizeof(uint32_t))) + first;
+  }
+  __device__ Candidates at(int offset) const { return {base, first + offset}; }
+};
+
+constexpr size_t kCandidatesBytes = kMaxTop * (sizeof(double) + sizeof(uint32_t) + sizeof(int32_t));
+
 // Shared memory of the selection: the row's logits and probabilities, and room for the top E.
 struct SelectShared {
-  const float* scores;        // [width] logits of the scored blocks
-  double* prob;               // [width]
-  uint32_t* top_keys;         // [kMaxTop]
-  int32_t* top_blocks;        // [kMaxTop], as gathered
-  double* top_prob;           // [kMaxTop], their probabilities
-  int32_t* sorted_blocks;     // [kMaxTop], by (probability desc, index asc)
-  double* sorted_prob;        // [kMaxTop]
-  double* reduce_scratch;     // kWarps doubles
+  const float* scores;     // [width] logits of the scored blocks
+  double* prob;            // [width]
+  Candidates gathered;     // [kMaxTop], the top E as gathered
+  Candidates sorted;       // [kMaxTop], by (probability desc, index asc)
+  Candidates chunk_lists;  // [kMaxTop], in a cluster's first CTA: each CTA's sorted top E
+  double* reduce_scratch;  // kWarps doubles
 };
 
 struct TopShared {
@@ -239,10 +254,9 @@ __device__ unsigned long long forced_mass_in(const Selector& selector, TopShared
 }
 
 // The `wanted` best candidates of [begin, end) (ties at the threshold lowest index first), written
-// unordered to keys / blocks / prob [0, wanted) (shared memory of this CTA or of another CTA of
-// the cluster). 0 < wanted <= candidates in the range.
-__device__ void gather_top(const Selector& selector, TopShared& top, int wanted, int begin, int end, uint32_t* keys,
-                           int32_t* blocks, double* prob) {
+// unordered to out [0, wanted). 0 < wanted <= candidates in the range.
+__device__ void gather_top(const Selector& selector, TopShared& top, int wanted, int begin, int end,
+                           const Candidates out) {
   int count_above;
   const uint32_t threshold = kth_largest_key(selector, top, wanted, count_above, begin, end);
   const int ties_wanted = wanted - count_above;
@@ -269,36 +283,71 @@ __device__ void gather_top(const Selector& selector, TopShared& top, int wanted,
       ++tie_rank;
     }
     if (slot >= 0) {
-      keys[slot] = key;
-      blocks[slot] = j;
-      prob[slot] = selector.probability(j);
+      out.keys()[slot] = key;
+      out.blocks()[slot] = j;
+      out.prob()[slot] = selector.probability(j);
     }
   }
   __syncthreads();
 }
 
-// Orders gathered candidates by (key desc, index asc), counting for each how many precede it:
-// slot i of [0, slots) holds a candidate when valid(i). Ranks below `wanted` land in sorted_*.
-template <class Valid>
-__device__ void rank_candidates(const SelectShared& shared, int slots, int wanted, Valid valid) {
-  for (int i = threadIdx.x; i < slots; i += kThreads) {
-    if (!valid(i)) continue;
-    const uint32_t key = shared.top_keys[i];
-    const int block = shared.top_blocks[i];
-    int rank = 0;
-    for (int m = 0; m < slots; ++m) {
-      const uint32_t other = shared.top_keys[m];
-      rank += (valid(m) && (other > key || (other == key && shared.top_blocks[m] < block))) ? 1 : 0;
+// The selection order: order key descending (probability descending), then block index ascending.
+__device__ __forceinline__ bool precedes(uint32_t key, int block, uint32_t other_key, int other_block) {
+  return key > other_key || (key == other_key && block < other_block);
+}
+
+// The `count` candidates of `in`, in selection order, into out [0, count): each one's place is the
+// number that precede it (count <= kMaxTop, so at most kMaxTop^2 / kThreads compares a thread).
+__device__ void order_candidates(const Candidates in, int count, const Candidates out) {
+  const uint32_t* keys = in.keys();
+  const int32_t* blocks = in.blocks();
+  for (int i = threadIdx.x; i < count; i += kThreads) {
+    const uint32_t key = keys[i];
+    const int block = blocks[i];
+    int place = 0;
+    for (int m = 0; m < count; ++m) place += precedes(keys[m], blocks[m], key, block) ? 1 : 0;
+    out.keys()[place] = key;
+    out.blocks()[place] = block;
+    out.prob()[place] = in.prob()[i];
+  }
+  __syncthreads();
+}
+
+// The first `wanted` of the merged order of `num_lists` ordered lists (list l: lists [l * stride,
+// l * stride + lengths[l])), into out [0, wanted). An entry's place is its place in its own list
+// plus, by binary search, how many entries of each other list precede it.
+__device__ void merge_ordered_lists(const Candidates lists, const int* lengths, int num_lists, int stride,
+                                    int wanted, const Candidates out) {
+  for (int i = threadIdx.x; i < num_lists * stride; i += kThreads) {
+    const int list = i / stride, place_in_list = i % stride;
+    if (place_in_list >= lengths[list]) continue;
+    const uint32_t key = lists.keys()[i];
+    const int block = lists.blocks()[i];
+    int place = place_in_list;
+    for (int other = 0; other < num_lists; ++other) {
+      if (other == list) continue;
+      const Candidates entries = lists.at(other * stride);
+      int low = 0, high = lengths[other];  // the first entry of `other` not preceding this one
+      while (low < high) {
+        const int mid = (low + high) / 2;
+        if (precedes(entries.keys()[mid], entries.blocks()[mid], key, block)) {
+          low = mid + 1;
+        } else {
+          high = mid;
+        }
+      }
+      place += low;
     }
-    if (rank < wanted) {
-      shared.sorted_blocks[rank] = block;
-      shared.sorted_prob[rank] = shared.top_prob[i];
+    if (place < wanted) {
+      out.keys()[place] = key;
+      out.blocks()[place] = block;
+      out.prob()[place] = lists.prob()[i];
     }
   }
   __syncthreads();
 }
 
-// From the `wanted` best candidates in order (sorted_blocks / sorted_prob) and the forced mass:
+// From the `wanted` best candidates in order (shared.sorted) and the forced mass:
 // the top-p cut, the [k_min, k_max] clamp and the output row (forced prefix, chosen ascending,
 // forced suffix, -1 padding). Returns the count.
 __device__ int finish_selection(const SelectShared& shared, TopShared& top, const RowShape& shape,
@@ -313,7 +362,7 @@ __device__ int finish_selection(const SelectShared& shared, TopShared& top, cons
 #pragma unroll
     for (int i = 0; i < kRanksPerThread; ++i) {
       const int rank = int(threadIdx.x) * kRanksPerThread + i;
-      prefix[i] = rank < shape.wanted ? __double2ull_rn(shared.sorted_prob[rank] * kMassScale) : 0ull;
+      prefix[i] = rank < shape.wanted ? __double2ull_rn(shared.sorted.prob()[rank] * kMassScale) : 0ull;
     }
     TopShared::MassScan(top.mass_scan).ExclusiveSum(prefix, prefix);
     const unsigned long long target = static_cast<unsigned long long>(ceil(knobs.top_p * kMassScale));
@@ -330,9 +379,9 @@ __device__ int finish_selection(const SelectShared& shared, TopShared& top, cons
     // Chosen candidates lie between the forced prefix and suffix: output slot = sink_end + their
     // ascending rank among the chosen.
     for (int r = threadIdx.x; r < extra; r += kThreads) {
-      const int block = shared.sorted_blocks[r];
+      const int block = shared.sorted.blocks()[r];
       int position = shape.sink_end;
-      for (int m = 0; m < extra; ++m) position += shared.sorted_blocks[m] < block ? 1 : 0;
+      for (int m = 0; m < extra; ++m) position += shared.sorted.blocks()[m] < block ? 1 : 0;
       if (position < knobs.k_max) out[position] = block;
     }
   }
@@ -361,8 +410,8 @@ __device__ int select_row_top(const SelectShared shared, TopShared& top, const D
   __syncthreads();  // keys read probabilities other threads wrote
   const unsigned long long forced_mass = forced_mass_in(selector, top, shape, 0, shape.n);
   if (shape.wanted > 0) {
-    gather_top(selector, top, shape.wanted, 0, shape.n, shared.top_keys, shared.top_blocks, shared.top_prob);
-    rank_candidates(shared, shape.wanted, shape.wanted, [](int) { return true; });
+    gather_top(selector, top, shape.wanted, 0, shape.n, shared.gathered);
+    order_candidates(shared.gathered, shape.wanted, shared.sorted);
   }
   return finish_selection(shared, top, shape, forced_mass, knobs, out);
 }
@@ -372,32 +421,32 @@ __device__ int select_row_top(const SelectShared shared, TopShared& top, const D
 // ------------------------------------------------------------------------------------------
 
 // Dynamic shared memory: prob [width] doubles, scores [width] floats, query [dim] floats, then
-// the top-E probabilities, sorted probabilities, keys, blocks and sorted blocks [kMaxTop] each.
+// Candidates of kMaxTop entries: gathered, sorted and (clustered) the chunk lists.
 struct SharedLayout {
-  size_t scores, query, top_prob, sorted_prob, top_keys, top_blocks, sorted_blocks, bytes;
+  size_t scores, query, candidates, bytes;
 };
 
 __host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
-__host__ __device__ inline SharedLayout shared_layout(int width, int dim) {
+__host__ __device__ inline SharedLayout shared_layout(int width, int dim, bool clustered) {
   SharedLayout layout;
   layout.scores = align16(size_t(width) * sizeof(double));
   layout.query = layout.scores + align16(size_t(width) * sizeof(float));
-  layout.top_prob = layout.query + align16(size_t(dim) * sizeof(float));
-  layout.sorted_prob = layout.top_prob + kMaxTop * sizeof(double);
-  layout.top_keys = layout.sorted_prob + kMaxTop * sizeof(double);
-  layout.top_blocks = layout.top_keys + kMaxTop * sizeof(uint32_t);
-  layout.sorted_blocks = layout.top_blocks + kMaxTop * sizeof(int32_t);
-  layout.bytes = layout.sorted_blocks + kMaxTop * sizeof(int32_t);
+  layout.candidates = layout.query + align16(size_t(dim) * sizeof(float));
+  layout.bytes = layout.candidates + (clustered ? 3 : 2) * kCandidatesBytes;
   return layout;
 }
+
+// The i-th Candidates array at `base`.
+__device__ inline Candidates candidates_at(unsigned char* base, int i) { return {base + i * kCandidatesBytes, 0}; }
 
 // A small batch has few rows (one per sequence and KV head), so on Hopper a row is spread over a
 // thread-block cluster of `ranks` CTAs: CTA r owns a contiguous chunk of the row's blocks,
 // scores them, joins the row's max and sum through the first CTA's shared memory, and finds its
-// chunk's E best candidates, which it writes into the first CTA's shared memory. The first CTA
-// orders those (at most ranks x E) candidates and finishes as a single CTA would. The result is
-// the single-CTA one but for the order of the float64 softmax sum.
+// chunk's E best candidates, which it orders and writes into the first CTA's shared memory. The
+// first CTA merges those ordered lists (binary searches, not a count over all ranks x E) and
+// finishes as a single CTA would. The result is the single-CTA one but for the order of the
+// float64 softmax sum.
 __device__ __forceinline__ int cluster_rank() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   return int(cooperative_groups::this_cluster().block_rank());
@@ -430,7 +479,7 @@ constexpr int kMaxRanks = 8;
 struct ClusterShared {
   double max[kMaxRanks], sum[kMaxRanks];
   unsigned long long forced_mass[kMaxRanks];
-  int candidates[kMaxRanks];
+  int list_lengths[kMaxRanks];  // entries of each CTA's ordered list
 };
 
 // The clustered selection of a row; `begin`, `end`: this CTA's chunk, already scored into its
@@ -471,19 +520,19 @@ __device__ int select_row_clustered(const SelectShared shared, TopShared& top, C
   __syncthreads();
 
   // This chunk's E best candidates (E = the row's wanted count, at most its candidates here),
-  // into slots [rank * E, rank * E + E_r) of the first CTA.
+  // ordered, into entries [rank * E, rank * E + E_r) of the first CTA's chunk lists.
   const Selector selector{group, select_device::RowView{shared.scores, shared.prob, scored, shape.n}, knobs, shape.n};
   const int forced_here = max(0, min(end, shape.sink_end) - begin) + max(0, end - max(begin, shape.local_begin));
   const int wanted_here = max(0, min(shape.wanted, (end - begin) - forced_here));
   if (wanted_here > 0) {
-    const int offset = rank * shape.wanted;
-    gather_top(selector, top, wanted_here, begin, end, in_first_cta(shared.top_keys) + offset,
-               in_first_cta(shared.top_blocks) + offset, in_first_cta(shared.top_prob) + offset);
+    gather_top(selector, top, wanted_here, begin, end, shared.gathered);
+    const Candidates lists{in_first_cta(shared.chunk_lists.base), rank * shape.wanted};
+    order_candidates(shared.gathered, wanted_here, lists);
   }
   const unsigned long long forced_mass_here = forced_mass_in(selector, top, shape, begin, end);
   if (threadIdx.x == 0) {
     first.forced_mass[rank] = forced_mass_here;
-    first.candidates[rank] = wanted_here;
+    first.list_lengths[rank] = wanted_here;
   }
   cluster_barrier();
   if (rank != 0) return -1;
@@ -491,9 +540,7 @@ __device__ int select_row_clustered(const SelectShared shared, TopShared& top, C
   unsigned long long forced_mass = 0;
   for (int r = 0; r < ranks; ++r) forced_mass += cluster.forced_mass[r];
   if (shape.wanted > 0) {
-    const int per_rank = shape.wanted;
-    rank_candidates(shared, ranks * per_rank, per_rank,
-                    [&](int i) { return i % per_rank < cluster.candidates[i / per_rank]; });
+    merge_ordered_lists(shared.chunk_lists, cluster.list_lengths, ranks, shape.wanted, shape.wanted, shared.sorted);
   }
   return finish_selection(shared, top, shape, forced_mass, knobs, out);
 }
@@ -510,7 +557,7 @@ __global__ void __launch_bounds__(kThreads, kClustered ? 1 : 2)
   __shared__ TopShared top;
   __shared__ ClusterShared cluster;
   const int width = params.num_key_blocks, dim = params.dim;
-  const SharedLayout layout = shared_layout(width, dim);
+  const SharedLayout layout = shared_layout(width, dim, kClustered);
   double* prob = reinterpret_cast<double*>(shared_bytes);
   float* scores = reinterpret_cast<float*>(shared_bytes + layout.scores);
   float* query = reinterpret_cast<float*>(shared_bytes + layout.query);
@@ -546,13 +593,12 @@ __global__ void __launch_bounds__(kThreads, kClustered ? 1 : 2)
 
   const SelectKnobs knobs{params.top_p, params.k_min, params.k_max, params.sink_blocks, params.local_blocks};
   int32_t* out = params.indices + pair * params.k_max;
+  unsigned char* candidates = shared_bytes + layout.candidates;
   const SelectShared shared{scores,
                             prob,
-                            reinterpret_cast<uint32_t*>(shared_bytes + layout.top_keys),
-                            reinterpret_cast<int32_t*>(shared_bytes + layout.top_blocks),
-                            reinterpret_cast<double*>(shared_bytes + layout.top_prob),
-                            reinterpret_cast<int32_t*>(shared_bytes + layout.sorted_blocks),
-                            reinterpret_cast<double*>(shared_bytes + layout.sorted_prob),
+                            candidates_at(candidates, 0),
+                            candidates_at(candidates, 1),
+                            kClustered ? candidates_at(candidates, 2) : Candidates{},
                             reduce_scratch};
   int count;
   if constexpr (kClustered) {
@@ -589,8 +635,8 @@ int cluster_ranks(const DecodeSelectParams& params) {
 
 template <typename query_t, typename key_t, KCacheFormat Format>
 void launch(const DecodeSelectParams& params) {
-  const size_t shared_bytes = shared_layout(params.num_key_blocks, params.dim).bytes;
   const int ranks = cluster_ranks<decode_select_kernel<query_t, key_t, Format, true>>(params);
+  const size_t shared_bytes = shared_layout(params.num_key_blocks, params.dim, ranks > 1).bytes;
   auto kernel = ranks > 1 ? decode_select_kernel<query_t, key_t, Format, true>
                           : decode_select_kernel<query_t, key_t, Format, false>;
   if (shared_bytes > 48 * 1024) {

@@ -438,14 +438,16 @@ def test_decode_select_cuda_dense_keys_off_the_16_byte_grid(dtype):
 @pytest.mark.parametrize("width", [37, 1500, 6000])
 def test_decode_select_cuda_ties_break_by_index(width):
     """Keys drawn from four vectors: every logit ties with many others, and the blocks taken at the
-    cut must be the lowest-indexed of their tie, as on the CPU."""
+    cut must be the lowest-indexed of their tie, as on the CPU. k_max <= 64 over more than 512
+    blocks takes the clustered kernel on Hopper, whose CTAs merge their chunks' ordered lists."""
     gen = generator(width)
     dim, heads, block_size = 32, 2, 16
     palette = torch.randn(4, dim, generator=gen)
     keys = palette[torch.randint(0, 4, (2, heads, width), generator=gen)]
     query = torch.randn(2, heads, dim, generator=gen)
     seq_lens = torch.tensor([width * block_size, width * block_size // 2 + 5], dtype=torch.int32)
-    for top_p, k_min, k_max in ((0.3, 0, width), (0.7, 3, width // 2 + 1), (0.95, 0, width), (0.5, width // 3, width)):
+    for top_p, k_min, k_max in ((0.3, 0, width), (0.7, 3, width // 2 + 1), (0.95, 0, width), (0.5, width // 3, width),
+                                (0.95, 2, 64), (0.5, 0, 40)):
         want = spot_attention.decode_select(query, keys, seq_lens, top_p, k_min, k_max, 1, 1, block_size, 0.3)
         got = spot_attention.decode_select(query.cuda(), keys.cuda(), seq_lens.cuda(), top_p, k_min, k_max, 1, 1,
                                            block_size, 0.3)
