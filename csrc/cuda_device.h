@@ -56,20 +56,39 @@ inline bool dependent_launch_enabled() {
 
 // Launches Kernel as a programmatic dependent of the stream's previous kernel where the device
 // and Kernel's binary allow it (see spot/cuda/dependent_launch.cuh; Kernel must call
-// wait_for_previous_grid before its first global read), else as an ordinary launch.
+// wait_for_previous_grid before its first global read), else as an ordinary launch. With
+// cluster_x > 1 the grid runs in thread-block clusters of cluster_x CTAs along x (the caller
+// checks that the device and binary have clusters).
 template <auto Kernel, typename... Args>
-void launch_dependent(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream, const Args&... args) {
+void launch_dependent_in_clusters(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream, unsigned cluster_x,
+                                  const Args&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = shared_bytes;
   config.stream = stream;
-  cudaLaunchAttribute dependent;
-  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  dependent.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &dependent;
-  config.numAttrs = dependent_launch_enabled() && compute_capability_major() >= 9 && binary_is_sm90_or_later<Kernel>() ? 1 : 0;
+  cudaLaunchAttribute attributes[2];
+  unsigned count = 0;
+  if (dependent_launch_enabled() && compute_capability_major() >= 9 && binary_is_sm90_or_later<Kernel>()) {
+    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[count].val.programmaticStreamSerializationAllowed = 1;
+    ++count;
+  }
+  if (cluster_x > 1) {
+    attributes[count].id = cudaLaunchAttributeClusterDimension;
+    attributes[count].val.clusterDim.x = cluster_x;
+    attributes[count].val.clusterDim.y = 1;
+    attributes[count].val.clusterDim.z = 1;
+    ++count;
+  }
+  config.attrs = attributes;
+  config.numAttrs = count;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, Kernel, args...));
+}
+
+template <auto Kernel, typename... Args>
+void launch_dependent(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream, const Args&... args) {
+  launch_dependent_in_clusters<Kernel>(grid, block, shared_bytes, stream, 1u, args...);
 }
 
 }  // namespace spot

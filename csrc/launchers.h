@@ -22,8 +22,8 @@ void select_blocks_cuda(const SelectBlocksParams& params);
 void decode_select_cuda(const DecodeSelectParams& params);
 // Largest num_key_blocks the CUDA selection kernels hold in shared memory.
 int select_blocks_cuda_max_key_blocks();
-// Split-KV planning: how many splits the launcher wants, so the entry can size the workspace.
-int sparse_decode_num_splits(const SparseDecodeParams& params);
+// Split-KV planning: sets num_splits and merge_in_cluster, so the entry can size the workspace.
+void plan_sparse_decode(SparseDecodeParams& params);
 void sparse_decode_cuda(const SparseDecodeParams& params);
 // Picks the implementation (SPOT_PREFILL_IMPL: unset/auto, mma, wgmma) and runs it.
 void sparse_prefill_cuda(const SparsePrefillParams& params);

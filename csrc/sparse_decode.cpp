@@ -175,9 +175,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode(const at::Tensor& query, const 
   }
 #ifdef SPOT_WITH_CUDA
   const c10::DeviceGuard device_guard(query.device());
-  params.num_splits = sparse_decode_num_splits(params);
+  plan_sparse_decode(params);
   at::Tensor partial_out, partial_lse;
-  if (params.num_splits > 1) {
+  if (params.num_splits > 1 && !params.merge_in_cluster) {
     // The torch allocator keeps this capture-safe: under CUDA-graph capture it comes from the
     // graph's private pool.
     partial_out = at::empty({batch, heads_q, params.num_splits, head_dim}, query.options().dtype(at::kFloat));

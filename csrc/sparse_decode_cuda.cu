@@ -18,6 +18,14 @@
 //     the end, so the main loop has no cross-warp reductions.
 // The row addresses of a tile (the block-index, page-table and length logic) are resolved once
 // per row into a small shared ring one tile ahead of its loads, not once per 16-byte chunk.
+//
+// The splits' merge. On Hopper, when a row has at most kMaxClusterSplits splits, its splits run
+// as one thread-block cluster: each CTA leaves its normalised partial row and LSE in its shared
+// memory, and after a cluster barrier every CTA merges a share of the output columns, reading
+// the others' partials through distributed shared memory. Otherwise the partials go to a global
+// workspace and a second kernel merges them; that kernel and its launch cost ~10 us per layer at
+// B = 1 and B = 8 (128K tokens, H200), several times the merge's own work.
+#include <cooperative_groups.h>
 #include <cuda.h>
 #include <cuda_runtime.h>
 
@@ -48,6 +56,7 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kTileTokens = 16 * kWarps;  // each warp owns 16 tokens: one k16 step of P V
 constexpr int kHeadRows = 16;             // query heads per CTA: the M of m16n8k16
 constexpr int kMaxSplits = 64;
+constexpr int kMaxClusterSplits = 16;  // the non-portable cluster size limit of Hopper
 // Below this many tokens (two tiles) per split the merge costs more than the parallelism saves.
 constexpr int64_t kMinTokensPerSplit = 128;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -77,14 +86,57 @@ struct DecodeConfig {
   static constexpr size_t kStatsOffset = kQueryOffset + kQueryBytes;
   static constexpr size_t kStatsBytes = 2 * kWarps * kHeadRows * sizeof(float);
   static constexpr size_t kSmemBytes = kStatsOffset + kStatsBytes;
-  // The end-of-loop merge reuses the K/V ring for every warp's fp32 [16, head_dim] accumulator.
-  static_assert(size_t(kWarps) * kHeadRows * kHeadDim * sizeof(float) <= 2 * kKeyBytes,
-                "merge buffer must fit in the pipeline's shared memory");
+  // The end-of-loop merge reuses the K/V ring for every warp's fp32 [16, head_dim] accumulator,
+  // then (cluster merge) the CTA's normalised [16, head_dim] partial and its 16 LSEs.
+  static constexpr size_t kWarpOutFloats = size_t(kWarps) * kHeadRows * kHeadDim;
+  static constexpr size_t kPartialFloats = size_t(kHeadRows) * kHeadDim;
+  static_assert((kWarpOutFloats + kPartialFloats + kHeadRows) * sizeof(float) <= 2 * kKeyBytes,
+                "merge buffers must fit in the pipeline's shared memory");
 };
 
 // ------------------------------------------------------------------------------------------
 // Split-KV attention kernel
 // ------------------------------------------------------------------------------------------
+
+// The cluster merge (the x dimension of the grid, the splits, is the cluster): CTA s of the
+// cluster writes elements s * kThreads + thread (stride splits * kThreads) of the row's
+// [num_rows, head_dim] output from every split's partial and LSE: out = sum_s exp(lse_s - lse)
+// out_s, lse = logsumexp_s lse_s. Every CTA's partial must be in its shared memory.
+template <typename T, int kHeadDim>
+__device__ void merge_in_cluster(const SparseDecodeParams& params, const float* partial, const float* lse_of_rows,
+                                 int num_rows, int64_t first_head) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every split's partial written
+  const int splits = int(cluster.num_blocks());
+  for (int index = int(cluster.block_rank()) * kThreads + int(threadIdx.x); index < num_rows * kHeadDim;
+       index += splits * kThreads) {
+    const int head_row = index / kHeadDim;
+    // Unrolled over the largest cluster so the remote loads are all in flight at once.
+    float split_lse[kMaxClusterSplits];
+    float max_lse = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) {
+      split_lse[s] = s < splits ? *cluster.map_shared_rank(lse_of_rows + head_row, s) : -INFINITY;
+      max_lse = fmaxf(max_lse, split_lse[s]);
+    }
+    float total = 0.f, value = 0.f;
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) {
+      if (split_lse[s] == -INFINITY) continue;  // an empty split (or past the cluster)
+      const float weight = expf(split_lse[s] - max_lse);
+      total += weight;
+      value += weight * *cluster.map_shared_rank(partial + index, s);
+    }
+    const bool empty = max_lse == -INFINITY;
+    const int64_t head = first_head + head_row;
+    static_cast<T*>(params.out)[head * kHeadDim + index % kHeadDim] = from_float<T>(empty ? 0.f : value / total);
+    if (index % kHeadDim == 0) params.lse[head] = empty ? -INFINITY : max_lse + logf(total);
+  }
+  cluster.sync();  // no CTA leaves while another still reads its shared memory
+#endif
+}
 
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDecodeParams params) {
@@ -371,6 +423,8 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDec
   __syncthreads();
 
   const bool direct = params.num_splits == 1;
+  float* cluster_partial = warp_out + Config::kWarpOutFloats;  // [16][head_dim]
+  float* cluster_lse = cluster_partial + Config::kPartialFloats;  // [16]
   for (int index = thread; index < num_rows * kHeadDim; index += kThreads) {
     const int head_row = index / kHeadDim;
     const int column = index % kHeadDim;
@@ -394,10 +448,17 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDec
     if (direct) {
       static_cast<T*>(params.out)[head * kHeadDim + column] = from_float<T>(normalised);
       if (column == 0) params.lse[head] = lse;
+    } else if (params.merge_in_cluster) {
+      cluster_partial[index] = normalised;
+      if (column == 0) cluster_lse[head_row] = lse;
     } else {
       params.partial_out[(head * params.num_splits + split) * kHeadDim + column] = normalised;
       if (column == 0) params.partial_lse[head * params.num_splits + split] = lse;
     }
+  }
+  if (!direct && params.merge_in_cluster) {
+    merge_in_cluster<T, kHeadDim>(params, cluster_partial, cluster_lse, num_rows,
+                                  int64_t(batch_index) * params.heads_q + first_head);
   }
 }
 
@@ -456,12 +517,40 @@ int head_chunks(const SparseDecodeParams& params) {
 }
 
 template <typename T, int kHeadDim>
+bool has_clusters() {
+  return compute_capability_major() >= 9 && binary_is_sm90_or_later<sparse_decode_kernel<T, kHeadDim>>();
+}
+
+template <typename T, int kHeadDim>
 void prepare_kernel() {
-  // Above 48 KB of dynamic shared memory a kernel must opt in; cheap, and capture-safe (no
-  // stream work), so it runs on every launch rather than being cached per device.
+  // Above 48 KB of dynamic shared memory a kernel must opt in (and above 8 CTAs a cluster);
+  // cheap, and capture-safe (no stream work), so it runs on every launch rather than being
+  // cached per device.
   C10_CUDA_CHECK(cudaFuncSetAttribute(sparse_decode_kernel<T, kHeadDim>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       int(DecodeConfig<kHeadDim>::kSmemBytes)));
+  if (has_clusters<T, kHeadDim>()) {
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(sparse_decode_kernel<T, kHeadDim>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  }
+}
+
+// The most splits one cluster can hold (0 without clusters): kMaxClusterSplits or what the
+// device can co-schedule in one GPC with this kernel's shared memory.
+template <typename T, int kHeadDim>
+int max_cluster_splits() {
+  static const int splits = [] {
+    if (!has_clusters<T, kHeadDim>()) return 0;
+    prepare_kernel<T, kHeadDim>();
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(kMaxClusterSplits);
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = DecodeConfig<kHeadDim>::kSmemBytes;
+    int size = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&size, sparse_decode_kernel<T, kHeadDim>, &config));
+    return std::min(size, kMaxClusterSplits);
+  }();
+  return splits;
 }
 
 // Occupancy depends on the kernel and the architecture only: computed once per instantiation.
@@ -496,15 +585,20 @@ int plan_splits(const SparseDecodeParams& params, int ctas_per_sm) {
 
 template <typename T, int kHeadDim>
 void launch(const SparseDecodeParams& params) {
-  if (params.num_splits > 1 && (params.partial_out == nullptr || params.partial_lse == nullptr)) {
+  const bool in_cluster = params.num_splits > 1 && params.merge_in_cluster;
+  if (in_cluster && params.num_splits > max_cluster_splits<T, kHeadDim>()) {
+    throw std::invalid_argument("spot.sparse_decode: num_splits exceeds what one cluster holds");
+  }
+  if (params.num_splits > 1 && !in_cluster && (params.partial_out == nullptr || params.partial_lse == nullptr)) {
     throw std::invalid_argument("spot.sparse_decode: num_splits > 1 needs the split-KV workspace");
   }
   prepare_kernel<T, kHeadDim>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const dim3 grid(params.num_splits, params.heads_kv * head_chunks(params), params.batch);
-  launch_dependent<sparse_decode_kernel<T, kHeadDim>>(grid, dim3(kThreads), DecodeConfig<kHeadDim>::kSmemBytes, stream,
-                                                     params);
-  if (params.num_splits > 1) {
+  launch_dependent_in_clusters<sparse_decode_kernel<T, kHeadDim>>(grid, dim3(kThreads),
+                                                                  DecodeConfig<kHeadDim>::kSmemBytes, stream,
+                                                                  in_cluster ? unsigned(params.num_splits) : 1u, params);
+  if (params.num_splits > 1 && !in_cluster) {
     const unsigned heads = unsigned(int64_t(params.batch) * params.heads_q);
     launch_dependent<sparse_decode_merge_kernel<T, kHeadDim>>(dim3(heads), dim3(kHeadDim / 4), 0, stream, params);
   }
@@ -512,19 +606,28 @@ void launch(const SparseDecodeParams& params) {
 
 }  // namespace
 
-// SPOT_DECODE_SPLITS=N (N >= 1) fixes the split count, for tuning runs; it is clamped to the
-// chosen blocks and kMaxSplits like the planned count.
-int sparse_decode_num_splits(const SparseDecodeParams& params) {
+// Tuning knobs, read on every call: SPOT_DECODE_SPLITS=N (N >= 1) fixes the split count (clamped
+// to the chosen blocks and kMaxSplits like the planned count); SPOT_DECODE_CLUSTER=0 merges
+// through the workspace even where a cluster could.
+void plan_sparse_decode(SparseDecodeParams& params) {
+  int ctas_per_sm = 1, cluster_splits = 0;
+  SPOT_DISPATCH_HALF(params.dtype, scalar_t, SPOT_DISPATCH_HEAD_DIM(params.head_dim, kHeadDim, {
+                       ctas_per_sm = resident_ctas_per_sm<scalar_t, kHeadDim>();
+                       cluster_splits = max_cluster_splits<scalar_t, kHeadDim>();
+                     }));
+  if (const char* cluster = std::getenv("SPOT_DECODE_CLUSTER"); cluster != nullptr && std::string(cluster) == "0") {
+    cluster_splits = 0;
+  }
   if (const char* forced = std::getenv("SPOT_DECODE_SPLITS"); forced != nullptr && *forced != '\0') {
     const long requested = std::strtol(forced, nullptr, 10);
     if (requested < 1) throw std::invalid_argument("spot.sparse_decode: SPOT_DECODE_SPLITS must be a positive integer");
-    return int(std::max<int64_t>(1, std::min<int64_t>({requested, params.max_selected, kMaxSplits})));
+    params.num_splits = int(std::max<int64_t>(1, std::min<int64_t>({requested, params.max_selected, kMaxSplits})));
+  } else {
+    params.num_splits = plan_splits(params, ctas_per_sm);
+    // Fewer, longer splits merged in a cluster beat more splits merged by a second kernel.
+    if (cluster_splits > 1) params.num_splits = std::min(params.num_splits, cluster_splits);
   }
-  int ctas_per_sm = 1;
-  SPOT_DISPATCH_HALF(params.dtype, scalar_t,
-                     SPOT_DISPATCH_HEAD_DIM(params.head_dim, kHeadDim,
-                                            ctas_per_sm = resident_ctas_per_sm<scalar_t, kHeadDim>()));
-  return plan_splits(params, ctas_per_sm);
+  params.merge_in_cluster = params.num_splits > 1 && params.num_splits <= cluster_splits;
 }
 
 void sparse_decode_cuda(const SparseDecodeParams& params) {

@@ -508,6 +508,23 @@ def test_gpu_split_planner_shapes(batch, budget):
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("merge", ["cluster", "workspace"])
+@pytest.mark.parametrize("splits", [2, 5, 16, 33])
+@pytest.mark.parametrize("heads_q,heads_kv,dim", [(32, 8, 128), (40, 2, 64)])
+def test_gpu_split_merges(monkeypatch, merge, splits, heads_q, heads_kv, dim):
+    """Forced split counts through both merges: a thread-block cluster (Hopper, up to 16 splits;
+    more fall back to the workspace) and the merge kernel, with splits left empty by short rows."""
+    monkeypatch.setenv("SPOT_DECODE_SPLITS", str(splits))
+    monkeypatch.setenv("SPOT_DECODE_CLUSTER", "1" if merge == "cluster" else "0")
+    gen = torch.Generator().manual_seed(splits * 7 + dim)
+    case = make_case(3, heads_q, heads_kv, dim, [4097, 130, 9000], torch.bfloat16, "some", generator=gen,
+                     empty_rows=1)
+    out, lse = run_gpu(case)
+    assert_matches(out, lse, *masked_reference(case, "cuda"), torch.bfloat16, GPU_TOL)
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_gpu_skips_out_of_range_entries():
     gen = torch.Generator().manual_seed(21)
     case = make_case(3, 8, 2, 128, [300, 130, 64], torch.bfloat16, "all", generator=gen, k_max=7)

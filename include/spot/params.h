@@ -91,11 +91,14 @@ struct SparseDecodeParams {
   int64_t value_batch_stride = 0, value_token_stride = 0, value_head_stride = 0;
   DType dtype = DType::kBFloat16;
   float softmax_scale = 1.f;
-  // Split-KV workspace (CUDA only), sized by sparse_decode_num_splits; unused when num_splits
-  // is 1 (the kernel then writes out and lse directly).
+  // Split-KV plan (CUDA only), set by plan_sparse_decode. With merge_in_cluster the splits of a
+  // (sequence, KV head, head chunk) run as one thread-block cluster and merge through
+  // distributed shared memory; otherwise a second kernel merges them from the workspace, which
+  // is unused when num_splits is 1 (the kernel then writes out and lse directly).
   float* partial_out = nullptr;  // [batch, heads_q, num_splits, head_dim], normalised per split
   float* partial_lse = nullptr;  // [batch, heads_q, num_splits], natural log, -inf when empty
   int num_splits = 1;
+  bool merge_in_cluster = false;
 };
 
 // Causal block-sparse attention for packed variable-length sequences.
