@@ -17,10 +17,12 @@
 // E exceeds kMaxTop take the threshold search.
 //
 // Measured (H200, int4 keys, r = 64, 8 rows, k_max = 64; bench/decode_tune.py --select-probe,
-// bench/results/decode_select_probe_h200.json): 14 us at 512 blocks, 18 us at 2048, 42 us at
-// 8192; dense fp32 keys 21 us at 2048. Spreading the scoring over a cluster took 2048 blocks from
-// 23 to 18 us and 8192 from 65 to 42; what is left is one CTA's selection (softmax, radix passes,
-// ordering), the next thing to spread (each CTA's local top-E merged by the first).
+// bench/results/decode_select_probe_h200.json): 11 us at 512 blocks (one CTA a row), 15 us at
+// 2048, 21 us at 8192; dense fp32 keys 18 us at 2048. One CTA a row took 23 and 65 us at 2048 and
+// 8192 blocks, scoring over a cluster 18 and 42, scoring and selecting over it as now 15 and 21.
+// What is left is latency: ~50 barrier-separated steps (ncu at 2048 blocks: no step above ~20%
+// of the stall samples; scoring, the float64 softmax, the radix passes and the gather each
+// 15-20%).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 

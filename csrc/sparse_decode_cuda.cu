@@ -19,12 +19,14 @@
 // The row addresses of a tile (the block-index, page-table and length logic) are resolved once
 // per row into a small shared ring one tile ahead of its loads, not once per 16-byte chunk.
 //
-// The splits' merge. On Hopper, when a row has at most kMaxClusterSplits splits, its splits run
-// as one thread-block cluster: each CTA leaves its normalised partial row and LSE in its shared
-// memory, and after a cluster barrier every CTA merges a share of the output columns, reading
-// the others' partials through distributed shared memory. Otherwise the partials go to a global
-// workspace and a second kernel merges them; that kernel and its launch cost ~10 us per layer at
-// B = 1 and B = 8 (128K tokens, H200), several times the merge's own work.
+// The splits' merge. On Hopper, when a row has at most kMaxClusterSplits splits and the grid's
+// clusters all run at once, a row's splits run as one thread-block cluster: each CTA leaves its
+// normalised partial row and LSE in its shared memory, and after a cluster barrier every CTA
+// merges a share of the output columns, reading the others' partials through distributed shared
+// memory. Otherwise the partials go to a global workspace and a second kernel merges them.
+// Measured per layer (H200, 128K tokens, 4096-token budget, Qwen3-8B shapes): B = 1, 16 splits in
+// clusters 15.2 us against 15.8 for 32 splits and the merge kernel; B = 8, 4-CTA clusters 68 us
+// against 43 (not every cluster fit the first wave, hence the occupancy check).
 #include <cooperative_groups.h>
 #include <cuda.h>
 #include <cuda_runtime.h>
