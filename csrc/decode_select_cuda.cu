@@ -641,9 +641,9 @@ void launch(const DecodeSelectParams& params) {
   const size_t shared_bytes = shared_layout(params.num_key_blocks, params.dim, ranks > 1).bytes;
   auto kernel = ranks > 1 ? decode_select_kernel<query_t, key_t, Format, true>
                           : decode_select_kernel<query_t, key_t, Format, false>;
-  if (shared_bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
-  }
+  // The 48 KB default counts static shared memory too (~5.5 KB here), so opt in on every launch
+  // (cheap, and capture-safe) rather than only above 48 KB of dynamic memory.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(unsigned(params.heads * ranks), unsigned(params.batch));
   config.blockDim = dim3(kThreads);

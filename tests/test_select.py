@@ -381,10 +381,11 @@ def test_select_blocks_cuda_ties_and_empty_rows():
 @gpu
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-# Widths cover every sort size of the CUDA kernel (1 to 16 blocks per thread of 512) and the
-# threshold search past 8192 blocks.
-@pytest.mark.parametrize("width,dim,heads", [(9, 64, 1), (300, 32, 3), (700, 64, 2), (2048, 64, 8), (2100, 128, 2),
-                                             (5000, 64, 1), (9000, 32, 1)])
+# Widths cover every sort size of the CUDA kernel (1 to 16 blocks per thread of 512), the threshold
+# search past 8192 blocks, and 1024 blocks, whose dynamic shared memory is under 48 KB but not
+# with the static memory added.
+@pytest.mark.parametrize("width,dim,heads", [(9, 64, 1), (300, 32, 3), (700, 64, 2), (1024, 64, 8), (2048, 64, 8),
+                                             (2100, 128, 2), (5000, 64, 1), (9000, 32, 1)])
 def test_decode_select_cuda_matches_cpu(width, dim, heads, dtype, fmt):
     gen = generator(width + dim + len(fmt))
     block_size = 64
