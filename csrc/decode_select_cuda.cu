@@ -12,17 +12,18 @@
 // So the CTA finds the E-th largest order key by a 4-pass count radix select (8-bit digits,
 // shared-memory histograms), gathers those E candidates (ties at the threshold lowest index
 // first), orders them by counting (the reference's (-probability, index) order) and scans their
-// masses once. Masses are summed as 2^-62 fixed point, so every prefix is exact and monotone
-// and the cut is the first prefix reaching top_p, like the reference's running sum. Rows whose
-// E exceeds kMaxTop take the threshold search.
+// masses once; a row (or cluster chunk) of at most 512 blocks instead sorts its blocks, one per
+// thread, by a bitonic sort. Masses are summed as 2^-62 fixed point, so every prefix is exact and
+// monotone and the cut is the first prefix reaching top_p, like the reference's running sum.
+// Rows whose E exceeds kMaxTop take the threshold search.
 //
 // Measured (H200, int4 keys, r = 64, 8 rows, k_max = 64; bench/decode_tune.py --select-probe,
-// bench/results/decode_select_probe_h200.json): 11 us at 512 blocks (one CTA a row), 15 us at
-// 2048, 21 us at 8192; dense fp32 keys 18 us at 2048. One CTA a row took 23 and 65 us at 2048 and
-// 8192 blocks, scoring over a cluster 18 and 42, scoring and selecting over it as now 15 and 21.
-// What is left is latency: ~50 barrier-separated steps (ncu at 2048 blocks: no step above ~20%
-// of the stall samples; scoring, the float64 softmax, the radix passes and the gather each
-// 15-20%).
+// bench/results/decode_select_probe_h200.json): 9.1 us at 512 blocks (one CTA a row), 13.0 us at
+// 2048, 20.9 us at 8192; dense fp32 keys 15.9 us at 2048. One CTA a row took 23 and 65 us at 2048
+// and 8192 blocks; scoring over a cluster, 18 and 42; scoring and selecting over it, 15.4 and
+// 21.4; the bitonic sort of 512-block chunks then took 2048 blocks to 13.0 (and 512 from 11.2 to
+// 9.1). What is left is latency: a few dozen barrier-separated steps (ncu at 2048 blocks before
+// the sort: no step above ~20% of the stall samples).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
