@@ -54,6 +54,16 @@ inline bool dependent_launch_enabled() {
   return enabled;
 }
 
+// The launch attribute for thread-block clusters of `x` CTAs along the grid's x.
+inline cudaLaunchAttribute cluster_dimension(unsigned x) {
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = x;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  return attribute;
+}
+
 // Launches Kernel as a programmatic dependent of the stream's previous kernel where the device
 // and Kernel's binary allow it (see spot/cuda/dependent_launch.cuh; Kernel must call
 // wait_for_previous_grid before its first global read), else as an ordinary launch. With
@@ -74,13 +84,7 @@ void launch_dependent_in_clusters(dim3 grid, dim3 block, size_t shared_bytes, cu
     attributes[count].val.programmaticStreamSerializationAllowed = 1;
     ++count;
   }
-  if (cluster_x > 1) {
-    attributes[count].id = cudaLaunchAttributeClusterDimension;
-    attributes[count].val.clusterDim.x = cluster_x;
-    attributes[count].val.clusterDim.y = 1;
-    attributes[count].val.clusterDim.z = 1;
-    ++count;
-  }
+  if (cluster_x > 1) attributes[count++] = cluster_dimension(cluster_x);
   config.attrs = attributes;
   config.numAttrs = count;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, Kernel, args...));

@@ -703,11 +703,7 @@ void launch(const DecodeSelectParams& params) {
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = shared_bytes;
   config.stream = c10::cuda::getCurrentCUDAStream().stream();
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = unsigned(ranks);
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
+  cudaLaunchAttribute cluster = cluster_dimension(unsigned(ranks));
   config.attrs = &cluster;
   config.numAttrs = ranks > 1 ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params, ranks));

@@ -566,11 +566,7 @@ int max_active_clusters(int splits) {
   config.gridDim = dim3(unsigned(splits));
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = DecodeConfig<kHeadDim>::kSmemBytes;
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = unsigned(splits);
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
+  cudaLaunchAttribute cluster = cluster_dimension(unsigned(splits));
   config.attrs = &cluster;
   config.numAttrs = 1;
   int clusters = 0;
