@@ -446,8 +446,8 @@ __device__ int finish_selection(const SelectShared& shared, TopShared& top, cons
 
 // Decode rows are few (batch x KV heads) and wide (one logit per cached block). Only the E best
 // candidates can be chosen, and the top-p cut falls inside them or the clamp to k_max applies:
-// so find them by a count radix select, order just them, and scan their masses. E <= kMaxTop
-// here; returns the count.
+// so find them (a bitonic sort of the row up to kThreads blocks, else a count radix select and a
+// count of their order), and scan their masses. E <= kMaxTop here; returns the count.
 __device__ int select_row_top(const SelectShared shared, TopShared& top, const DecodeRow row,
                               const SelectKnobs knobs, int32_t* out) {
   const RowShape shape = row_shape(row, knobs);
