@@ -1,8 +1,10 @@
-"""Pieces the GPU benchmarks share: the model shapes they sweep, the commit they record and the
-CUDA-event timer."""
+"""Pieces the GPU benchmarks share: the model shapes they sweep, the commit they record, the
+header and writing of a results file, and the CUDA-event timer."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import sys
 import time
@@ -34,6 +36,22 @@ def git_commit() -> str:
     from spot_attention.eval.harness import git_commit as package_commit
 
     return package_commit()
+
+
+def results_header(device_description: str, script: str, argv) -> dict:
+    """What a results file records about its run: device, UTC date, commit and the command line
+    (``argv`` as main() got it, None for the process's own)."""
+    arguments = argv if argv is not None else sys.argv[1:]
+    return {"device": device_description,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(), "command": f"python bench/{script} " + " ".join(arguments)}
+
+
+def write_results(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(result, handle, indent=1)
+    print(f"wrote {path}")
 
 
 def device_tag(device, description: str) -> str:

@@ -13,15 +13,13 @@ over the last ``--rows`` query tokens. Writes bench/results/kcache_centering_<de
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import sys
 
 import torch
 
-from benchlib import ROOT, device_tag, git_commit, import_spot_attention
+from benchlib import ROOT, device_tag, import_spot_attention, results_header, write_results
 
 
 def hadamard_rotation(size: int, seed: int = 12345) -> torch.Tensor:
@@ -80,16 +78,11 @@ def main(argv=None) -> int:
                          "kl": sum(divergences) / len(divergences)})
             print(f"{fmt:6s} {variant:8s} key error {rows[-1]['key_rel_error']:.4f}  KL {rows[-1]['kl']:.4f}",
                   flush=True)
-    result = {"device": harness.device_description(device),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": git_commit(), "tokens": args.tokens, "rows_per_layer": args.rows,
-              "documents": [dict(d.info) for d in documents],
-              "command": "python bench/kcache_centering.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {**results_header(harness.device_description(device), "kcache_centering.py", argv),
+              "tokens": args.tokens, "rows_per_layer": args.rows, "documents": [dict(d.info) for d in documents],
               "rows": rows}
-    out = args.out or os.path.join(ROOT, "bench", "results", f"kcache_centering_{device_tag(device, 'cpu')}.json")
-    with open(out, "w") as handle:
-        json.dump(result, handle, indent=1)
-    print(f"wrote {out}")
+    write_results(result, args.out or os.path.join(ROOT, "bench", "results",
+                                                   f"kcache_centering_{device_tag(device, 'cpu')}.json"))
     return 0
 
 

@@ -12,14 +12,12 @@ and prints the lost cases per selector.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 
 import torch
 
-from benchlib import ROOT, device_tag, git_commit, import_spot_attention
+from benchlib import ROOT, device_tag, import_spot_attention, results_header, write_results
 
 
 def main(argv=None) -> int:
@@ -64,17 +62,10 @@ def main(argv=None) -> int:
         print(f"{name}: dense solves {summary[name]['dense_ok']} of {len(rows)}, sparse loses {len(lost)}: {lost}",
               flush=True)
     device_name = harness.device_description(device)
-    result = {"device": device_name,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": git_commit(), "lengths": args.lengths, "depths": args.depths, "seed": args.seed,
-              "command": "python bench/passkey_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "summary": summary, "rows": results}
+    result = {**results_header(device_name, "passkey_sweep.py", argv), "lengths": args.lengths,
+              "depths": args.depths, "seed": args.seed, "summary": summary, "rows": results}
     tag = device_tag(device, device_name)
-    out = args.out or os.path.join(ROOT, "bench", "results", f"passkey_sweep_{tag}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as handle:
-        json.dump(result, handle, indent=1)
-    print(f"wrote {out}")
+    write_results(result, args.out or os.path.join(ROOT, "bench", "results", f"passkey_sweep_{tag}.json"))
     return 0
 
 
