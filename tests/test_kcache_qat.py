@@ -70,6 +70,27 @@ def test_gradient_is_straight_through(fmt):
     assert torch.equal(keys.grad, weights)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_centred_fake_quant_scores_like_a_centred_cache(fmt):
+    """With ``center`` the cache holds keys minus the per-head mean (over batch and blocks): the
+    forward is that round trip plus the mean, so every row's softmax equals the one over the
+    centred cache's keys; the centred grid is finer (smaller error), the gradient still the
+    identity."""
+    keys = _keys(8) + 3.0 * torch.randn(1, 3, 1, 64, generator=torch.Generator().manual_seed(9))
+    mean = keys.mean(dim=(0, 2), keepdim=True)
+    leaf = keys.clone().requires_grad_()
+    centred = fake_quantize_kcache(leaf, fmt, center=True)
+    cache = _reference_round_trip(keys - mean, fmt)
+    torch.testing.assert_close(centred.detach(), cache + mean, rtol=0, atol=1e-5)
+    query = torch.randn(2, 3, 5, 64, generator=torch.Generator().manual_seed(10))
+    torch.testing.assert_close(torch.softmax(query @ centred.detach().transpose(-1, -2), -1),
+                               torch.softmax(query @ cache.transpose(-1, -2), -1), rtol=1e-4, atol=1e-6)
+    plain_error = (fake_quantize_kcache(keys, fmt) - keys).norm()
+    assert (centred.detach() - keys).norm() < plain_error
+    centred.sum().backward()
+    assert torch.equal(leaf.grad, torch.ones_like(keys))
+
+
 def test_bad_format_is_named():
     with pytest.raises(ValueError, match="argument 'fmt'"):
         fake_quantize_kcache(_keys(0), "fp8")
@@ -144,7 +165,8 @@ def test_distill_with_nvfp4_writes_the_format_and_resumes(tmp_path):
 
 
 def test_command_line_kcache_format(tmp_path, monkeypatch):
-    """``spot-attn distill --kcache-format nvfp4 --kcache-prefill`` reaches training and selector.json."""
+    """``spot-attn distill --kcache-format nvfp4 --kcache-prefill --center-keys`` reaches training and
+    selector.json."""
     from spot_attention import models
 
     monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: (_tiny_llama(seed=6), ByteTokenizer()))
@@ -152,7 +174,7 @@ def test_command_line_kcache_format(tmp_path, monkeypatch):
     try:
         code = distill.main(["--out", str(tmp_path), "--train-ctx", "192", "--steps", "2", "--selector-dim", "32",
                              "--tokens-per-window", "16", "--updates-per-window", "2", "--replay", "2",
-                             "--threads", "1", "--kcache-format", "nvfp4", "--kcache-prefill"])
+                             "--threads", "1", "--kcache-format", "nvfp4", "--kcache-prefill", "--center-keys"])
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -160,6 +182,7 @@ def test_command_line_kcache_format(tmp_path, monkeypatch):
     assert stored["kcache_format"] == "nvfp4"
     assert stored["training"]["settings"]["kcache_format"] == "nvfp4"
     assert stored["training"]["settings"]["kcache_prefill"] is True
+    assert stored["training"]["settings"]["kcache_center"] is True
 
 
 @pytest.mark.gpu

@@ -239,16 +239,17 @@ def make_layer_batch(selector, query, key, scaling, tokens_per_window, generator
 
 
 def layer_losses(selector, batch: LayerBatch, loss: str, kcache_format: str = "none",
-                 kcache_prefill: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 kcache_prefill: bool = False, kcache_center: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(prefill loss, decode loss), means over rows and KV groups of one layer. ``kcache_format``
     ("none": float keys) is the K-cache decode rows read the selector keys through (fake
-    quantised, ``kcache_qat``); ``kcache_prefill`` makes prefill rows read it too."""
+    quantised, ``kcache_qat``); ``kcache_prefill`` makes prefill rows read it too;
+    ``kcache_center`` centres the keys on the window's mean before quantising them."""
     block = selector.block_size
     key_features = selector.key_features_from_inputs(batch.key_inputs)  # [B, Hkv, NKc, r]
     complete = key_features.shape[2]
     # One round trip of the window's keys serves both row kinds: the nvfp4 per-tensor scale is
     # then the one a cache filled by this window's prefill would use.
-    cached_keys = fake_quantize_kcache(key_features, kcache_format)
+    cached_keys = fake_quantize_kcache(key_features, kcache_format, center=kcache_center)
     prefill_keys = cached_keys if kcache_prefill else key_features
     bsz = key_features.shape[0]
     device = key_features.device
@@ -296,9 +297,11 @@ class DistillSettings:
     selector_dim: int = 64
     block_size: int = 64
     # Quantisation-aware training: the K-cache format decode rows (and, with kcache_prefill,
-    # prefill rows) read the selector keys through; "none" trains on float keys.
+    # prefill rows) read the selector keys through; "none" trains on float keys. kcache_center:
+    # the cache holds keys minus the window's mean key, as a centred selector's cache does.
     kcache_format: str = "none"
     kcache_prefill: bool = False
+    kcache_center: bool = False
 
 
 def _lr_factor(step: int, settings: DistillSettings) -> float:
@@ -317,11 +320,12 @@ def _window_batches(model, selectors: SpotSelectors, window: torch.Tensor, setti
 
 
 def total_loss(selectors: SpotSelectors, batches: dict[int, LayerBatch], loss: str, kcache_format: str = "none",
-               kcache_prefill: bool = False) -> tuple[torch.Tensor, dict]:
+               kcache_prefill: bool = False, kcache_center: bool = False) -> tuple[torch.Tensor, dict]:
     per_layer = {}
     total = None
     for layer in selectors.layers:
-        prefill, decode = layer_losses(selectors[layer], batches[layer], loss, kcache_format, kcache_prefill)
+        prefill, decode = layer_losses(selectors[layer], batches[layer], loss, kcache_format, kcache_prefill,
+                                       kcache_center)
         value = 0.5 * (prefill + decode)
         per_layer[layer] = (float(prefill.detach()), float(decode.detach()))
         total = value if total is None else total + value
@@ -330,13 +334,14 @@ def total_loss(selectors: SpotSelectors, batches: dict[int, LayerBatch], loss: s
 
 @torch.no_grad()
 def evaluate(selectors: SpotSelectors, batches_list: list[dict[int, LayerBatch]], loss: str = "forward_kl",
-             kcache_format: str = "none", kcache_prefill: bool = False) -> dict:
+             kcache_format: str = "none", kcache_prefill: bool = False, kcache_center: bool = False) -> dict:
     """Mean prefill / decode divergence per layer over captured windows (e.g. held-out text),
     optionally with the keys read through a K-cache format (as ``layer_losses``)."""
     sums: dict[int, list[float]] = {layer: [0.0, 0.0] for layer in selectors.layers}
     for batches in batches_list:
         for layer in selectors.layers:
-            prefill, decode = layer_losses(selectors[layer], batches[layer], loss, kcache_format, kcache_prefill)
+            prefill, decode = layer_losses(selectors[layer], batches[layer], loss, kcache_format, kcache_prefill,
+                                           kcache_center)
             sums[layer][0] += float(prefill)
             sums[layer][1] += float(decode)
     count = max(len(batches_list), 1)
@@ -369,6 +374,7 @@ def distill(
     log=print,
     kcache_format: str | None = None,
     kcache_prefill: bool | None = None,
+    kcache_center: bool | None = None,
 ) -> SpotSelectors:
     """Trains selectors for every full-attention layer (or ``layers``) of the model at
     ``model_path`` (``None``: the default model) and saves them to ``out_dir``.
@@ -378,8 +384,8 @@ def distill(
     than a step, so a comparison is nearly free); they are saved to ``out_dir/variants/<loss>``.
     ``time_limit_s`` stops early (after a checkpoint) when the wall time is spent.
     ``kcache_format`` (``QAT_FORMATS``; None keeps ``settings``'): train through that K-cache's
-    round trip (decode rows; prefill rows too with ``kcache_prefill``) and store the format in
-    the selector config. Returns the main selectors (not calibrated: see
+    round trip (decode rows; prefill rows too with ``kcache_prefill``; keys centred on each
+    window's mean with ``kcache_center``) and store the format in the selector config. Returns the main selectors (not calibrated: see
     ``policy.calibrate_top_p``)."""
     for name in (loss, *compare_losses):
         if name not in LOSSES:
@@ -390,6 +396,8 @@ def distill(
         settings = dataclasses.replace(settings, kcache_format=kcache_format)
     if kcache_prefill is not None:
         settings = dataclasses.replace(settings, kcache_prefill=bool(kcache_prefill))
+    if kcache_center is not None:
+        settings = dataclasses.replace(settings, kcache_center=bool(kcache_center))
     if settings.kcache_format not in QAT_FORMATS:
         raise ValueError(f"argument 'kcache_format': expected one of {QAT_FORMATS}, got {settings.kcache_format!r}")
     started = time.time()
@@ -424,7 +432,7 @@ def distill(
     if resume and os.path.isfile(checkpoint_path):
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         saved = state.get("settings", {})
-        for name in ("kcache_format", "kcache_prefill"):
+        for name in ("kcache_format", "kcache_prefill", "kcache_center"):
             # Checkpoints written before QAT existed trained on float keys.
             before = saved.get(name, getattr(DistillSettings(), name))
             if before != getattr(settings, name):
@@ -466,7 +474,8 @@ def distill(
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * _lr_factor(step, settings)
             optimizer.zero_grad(set_to_none=True)
-            value, _ = total_loss(selectors, replay[pick], name, settings.kcache_format, settings.kcache_prefill)
+            value, _ = total_loss(selectors, replay[pick], name, settings.kcache_format, settings.kcache_prefill,
+                                  settings.kcache_center)
             value.backward()
             optimizer.step()
             record[name] = float(value.detach())
@@ -570,7 +579,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sink-blocks", type=int, default=None)
     parser.add_argument("--k-min", type=int, default=None)
     parser.add_argument("--center-keys", action="store_true",
-                        help="before calibrating, fit each layer's key_center (the K-cache stores keys minus it)")
+                        help="before calibrating, fit each layer's key_center (the K-cache stores keys minus it); "
+                             "with --kcache-format, training quantises keys minus each window's mean key too")
     parser.add_argument("--calibrate-only", action="store_true",
                         help="skip training: calibrate the selector already in --out")
     parser.add_argument("--heldout-report", action="store_true",
@@ -590,7 +600,8 @@ def run(args: argparse.Namespace) -> int:
                             seed=args.seed, loss=args.loss, resume=not args.no_resume, device=args.device,
                             model=model, tokenizer=tokenizer, settings=settings,
                             compare_losses=tuple(args.compare_loss), time_limit_s=args.time_limit,
-                            kcache_format=args.kcache_format, kcache_prefill=args.kcache_prefill)
+                            kcache_format=args.kcache_format, kcache_prefill=args.kcache_prefill,
+                            kcache_center=args.center_keys and args.kcache_format != "none")
     for name in ("local_blocks", "sink_blocks", "k_min"):
         if getattr(args, name, None) is not None:
             setattr(selectors.config, name, int(getattr(args, name)))

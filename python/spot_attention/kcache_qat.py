@@ -39,13 +39,21 @@ class _KCacheRoundTrip(torch.autograd.Function):
         return grad_output, None
 
 
-def fake_quantize_kcache(keys: torch.Tensor, fmt: str) -> torch.Tensor:
+def fake_quantize_kcache(keys: torch.Tensor, fmt: str, center: bool = False) -> torch.Tensor:
     """keys [B, Hkv, N, r] (float; ``r`` a multiple of 32) -> the same keys after the ``fmt``
-    K-cache round trip, with an identity gradient. ``fmt``: "none" (returned unchanged), "dense" (bf16), int4, mxfp4, nvfp4."""
+    K-cache round trip, with an identity gradient. ``fmt``: "none" (returned unchanged), "dense" (bf16), int4, mxfp4, nvfp4.
+
+    ``center``: the cache stores each key minus the mean key of its KV head over ``keys`` (batch
+    and blocks), the training stand-in for a selector's fitted ``key_center``; the mean is added
+    back after the round trip. Adding it back moves every logit of a row by the same amount, so
+    the scores differ from a centred cache's only by a per-row constant the softmax ignores."""
     if fmt == "none":
         return keys
     if fmt != "dense" and fmt not in reference.KCACHE_FORMATS:
         raise ValueError(f"argument 'fmt': expected one of {QAT_FORMATS} or 'dense', got {fmt!r}")
     if keys.numel() == 0:
         return keys
-    return _KCacheRoundTrip.apply(keys, fmt)
+    if not center:
+        return _KCacheRoundTrip.apply(keys, fmt)
+    mean = keys.detach().mean(dim=(0, 2), keepdim=True)
+    return _KCacheRoundTrip.apply(keys - mean, fmt) + mean
