@@ -385,8 +385,8 @@ def distill(
     ``time_limit_s`` stops early (after a checkpoint) when the wall time is spent.
     ``kcache_format`` (``QAT_FORMATS``; None keeps ``settings``'): train through that K-cache's
     round trip (decode rows; prefill rows too with ``kcache_prefill``; keys centred on each
-    window's mean with ``kcache_center``) and store the format in the selector config. Returns the main selectors (not calibrated: see
-    ``policy.calibrate_top_p``)."""
+    window's mean with ``kcache_center``) and store the format in the selector config. Returns
+    the main selectors (not calibrated: see ``policy.calibrate_top_p``)."""
     for name in (loss, *compare_losses):
         if name not in LOSSES:
             raise ValueError(f"argument 'loss': expected one of {LOSSES}, got {name!r}")
