@@ -88,7 +88,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None)
     parser.add_argument("--selector", default=None)
     parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=FORMATS)
-    parser.add_argument("--out", default=os.path.join("bench", "results", "kcache.json"))
+    parser.add_argument("--out", default=None,
+                        help="results JSON (a .md and .png go next to it); default "
+                             "bench/results/kcache_accuracy_<device>.json")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--calibrate", action="store_true", help="calibrate top_p per format first")
     parser.add_argument("--selector-for", action="append", default=[], metavar="FMT=DIR",
@@ -109,6 +111,11 @@ def main(argv=None) -> int:
 
     device = cli.pick_device(args.device)
     dtype = cli.pick_dtype(args.dtype, device)
+    if args.out is None:
+        # Not a name of the committed studies (kcache.json, kcache_cpu.json, ...): a run with the
+        # defaults must not replace one of them.
+        tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).split()[-1].lower()
+        args.out = os.path.join("bench", "results", f"kcache_accuracy_{tag}.json")
     torch.manual_seed(0)
     default_selectors = cli.load_selectors(args.selector, device, print)
     model, tokenizer = cli.load_model(args.model, device, dtype, print)

@@ -113,9 +113,10 @@ def test_decode_rows_read_the_cache_and_key_parameters_get_gradients():
     batches = _layer_batches(model, selectors)
     selector, batch = selectors[0], batches[0]
     float_prefill, float_decode = distill.layer_losses(selector, batch, "forward_kl")
-    prefill, decode = distill.layer_losses(selector, batch, "forward_kl", "nvfp4")
+    prefill, decode = distill.layer_losses(selector, batch, "forward_kl", distill.KCacheReading("nvfp4"))
     assert torch.equal(prefill, float_prefill) and not torch.equal(decode, float_decode)
-    both_prefill, both_decode = distill.layer_losses(selector, batch, "forward_kl", "nvfp4", kcache_prefill=True)
+    both_prefill, both_decode = distill.layer_losses(selector, batch, "forward_kl",
+                                                     distill.KCacheReading("nvfp4", prefill=True))
     assert not torch.equal(both_prefill, float_prefill) and torch.equal(both_decode, decode)
     # The decode loss is the float computation with the keys swapped for the cache's.
     original = selector.key_features_from_inputs

@@ -238,19 +238,31 @@ def make_layer_batch(selector, query, key, scaling, tokens_per_window, generator
     )
 
 
-def layer_losses(selector, batch: LayerBatch, loss: str, kcache_format: str = "none",
-                 kcache_prefill: bool = False, kcache_center: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prefill loss, decode loss), means over rows and KV groups of one layer. ``kcache_format``
-    ("none": float keys) is the K-cache decode rows read the selector keys through (fake
-    quantised, ``kcache_qat``); ``kcache_prefill`` makes prefill rows read it too;
-    ``kcache_center`` centres the keys on the window's mean before quantising them."""
+@dataclasses.dataclass(frozen=True)
+class KCacheReading:
+    """How the losses read the selector keys. ``format`` ("none": float keys) is the K-cache that
+    decode rows read them through (fake quantised, ``kcache_qat``); ``prefill`` makes prefill rows
+    read it too; ``center`` centres the keys on the window's mean before quantising them."""
+
+    format: str = "none"
+    prefill: bool = False
+    center: bool = False
+
+
+FLOAT_KEYS = KCacheReading()
+
+
+def layer_losses(selector, batch: LayerBatch, loss: str,
+                 kcache: KCacheReading = FLOAT_KEYS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefill loss, decode loss), means over rows and KV groups of one layer, with the keys read
+    as ``kcache`` says."""
     block = selector.block_size
     key_features = selector.key_features_from_inputs(batch.key_inputs)  # [B, Hkv, NKc, r]
     complete = key_features.shape[2]
     # One round trip of the window's keys serves both row kinds: the nvfp4 per-tensor scale is
     # then the one a cache filled by this window's prefill would use.
-    cached_keys = fake_quantize_kcache(key_features, kcache_format, center=kcache_center)
-    prefill_keys = cached_keys if kcache_prefill else key_features
+    cached_keys = fake_quantize_kcache(key_features, kcache.format, center=kcache.center)
+    prefill_keys = cached_keys if kcache.prefill else key_features
     bsz = key_features.shape[0]
     device = key_features.device
 
@@ -303,6 +315,10 @@ class DistillSettings:
     kcache_prefill: bool = False
     kcache_center: bool = False
 
+    @property
+    def kcache(self) -> KCacheReading:
+        return KCacheReading(self.kcache_format, self.kcache_prefill, self.kcache_center)
+
 
 def _lr_factor(step: int, settings: DistillSettings) -> float:
     if step < settings.warmup:
@@ -319,13 +335,12 @@ def _window_batches(model, selectors: SpotSelectors, window: torch.Tensor, setti
     }
 
 
-def total_loss(selectors: SpotSelectors, batches: dict[int, LayerBatch], loss: str, kcache_format: str = "none",
-               kcache_prefill: bool = False, kcache_center: bool = False) -> tuple[torch.Tensor, dict]:
+def total_loss(selectors: SpotSelectors, batches: dict[int, LayerBatch], loss: str,
+               kcache: KCacheReading = FLOAT_KEYS) -> tuple[torch.Tensor, dict]:
     per_layer = {}
     total = None
     for layer in selectors.layers:
-        prefill, decode = layer_losses(selectors[layer], batches[layer], loss, kcache_format, kcache_prefill,
-                                       kcache_center)
+        prefill, decode = layer_losses(selectors[layer], batches[layer], loss, kcache)
         value = 0.5 * (prefill + decode)
         per_layer[layer] = (float(prefill.detach()), float(decode.detach()))
         total = value if total is None else total + value
@@ -334,14 +349,13 @@ def total_loss(selectors: SpotSelectors, batches: dict[int, LayerBatch], loss: s
 
 @torch.no_grad()
 def evaluate(selectors: SpotSelectors, batches_list: list[dict[int, LayerBatch]], loss: str = "forward_kl",
-             kcache_format: str = "none", kcache_prefill: bool = False, kcache_center: bool = False) -> dict:
+             kcache: KCacheReading = FLOAT_KEYS) -> dict:
     """Mean prefill / decode divergence per layer over captured windows (e.g. held-out text),
     optionally with the keys read through a K-cache format (as ``layer_losses``)."""
     sums: dict[int, list[float]] = {layer: [0.0, 0.0] for layer in selectors.layers}
     for batches in batches_list:
         for layer in selectors.layers:
-            prefill, decode = layer_losses(selectors[layer], batches[layer], loss, kcache_format, kcache_prefill,
-                                           kcache_center)
+            prefill, decode = layer_losses(selectors[layer], batches[layer], loss, kcache)
             sums[layer][0] += float(prefill)
             sums[layer][1] += float(decode)
     count = max(len(batches_list), 1)
@@ -474,8 +488,7 @@ def distill(
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * _lr_factor(step, settings)
             optimizer.zero_grad(set_to_none=True)
-            value, _ = total_loss(selectors, replay[pick], name, settings.kcache_format, settings.kcache_prefill,
-                                  settings.kcache_center)
+            value, _ = total_loss(selectors, replay[pick], name, settings.kcache)
             value.backward()
             optimizer.step()
             record[name] = float(value.detach())
