@@ -13,7 +13,7 @@ one trained through that format, ``spot-attn distill --kcache-format FMT``), lab
     python bench/kcache_accuracy.py [--length 8192] [--docs 2] [--device cuda] [--calibrate]
         [--selector-for nvfp4=DIR ...] [--formats bf16 nvfp4]
 
-Writes bench/results/kcache.json, kcache.md and kcache.png.
+Writes ``--out`` (default bench/results/kcache_accuracy_<device>.json) and the .md and .png beside it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from benchlib import device_tag
 from spot_attention import cli, reference
 from spot_attention.eval import harness
 from spot_attention.integrations import hf
@@ -114,8 +115,8 @@ def main(argv=None) -> int:
     if args.out is None:
         # Not a name of the committed studies (kcache.json, kcache_cpu.json, ...): a run with the
         # defaults must not replace one of them.
-        tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).split()[-1].lower()
-        args.out = os.path.join("bench", "results", f"kcache_accuracy_{tag}.json")
+        name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device)
+        args.out = os.path.join("bench", "results", f"kcache_accuracy_{device_tag(device, name)}.json")
     torch.manual_seed(0)
     default_selectors = cli.load_selectors(args.selector, device, print)
     model, tokenizer = cli.load_model(args.model, device, dtype, print)
