@@ -20,7 +20,10 @@ sparse step. The L2 is flushed before each replay and no layer reads another's i
 
 Bytes moved: what each method must read from HBM at least (KV rows of the attended tokens,
 selector cache or block metadata, candidate keys); ``bw_frac`` = bytes / time / copy bandwidth,
-where the copy bandwidth is a device-to-device copy of 1 GiB counted as read + write.
+where the copy bandwidth is a device-to-device copy of 1 GiB counted as read + write. A copy of
+fewer bytes pays the same launch and ramp as any kernel and reaches less of that bandwidth, so the
+sparse rows timed singly also get ``copy_frac``: the time of a device copy moving the same bytes
+(half read, half written; one call, L2 flushed, like the row) over the row's time.
 """
 
 from __future__ import annotations
@@ -420,6 +423,26 @@ def run_layered(shape_name, length, batch, budget, layers, timer, device, rows, 
 # --------------------------------------------------------------------------------------------
 
 
+SAME_BYTES_METHODS = ("spot_attend", "spot_step", "spot_step_graph")
+
+
+def copy_same_bytes(rows, timer, device) -> None:
+    """Adds copy_frac to the single-timed sparse rows: a copy of the row's bytes, timed like the row."""
+    copy_us: dict[int, float] = {}
+    for row in rows:
+        if row["method"] not in SAME_BYTES_METHODS or row["timing"] != "single" or row["us"] <= 0:
+            continue
+        nbytes = row["bytes"]
+        if nbytes not in copy_us:
+            source = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device=device)
+            target = torch.empty_like(source)
+            copy_us[nbytes] = timer(lambda: target.copy_(source))
+            del source, target
+        row["copy_same_bytes_us"] = round(copy_us[nbytes], 2)
+        row["copy_frac"] = round(copy_us[nbytes] / row["us"], 4)
+    torch.cuda.empty_cache()
+
+
 def finish_rows(rows, copy_gbps):
     dense = {(r["shape"], r["L"], r["B"], r["timing"]): r["us"] for r in rows if r["method"] == "sdpa_flash"}
     for row in rows:
@@ -439,15 +462,19 @@ def markdown(result) -> str:
         "`layers` = per-layer time inside one CUDA graph running the method for several layers, each with "
         "its own inputs (speedups compare rows of the same timing).",
         "",
-        "| shape | L | B | budget (tokens) | method | timing | us | speedup vs sdpa_flash | MB moved | bw_frac |",
-        "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |",
+        "copy_frac: a device copy of the same bytes (half read, half written), timed like the row, over the "
+        "row's time (single-timed sparse rows).",
+        "",
+        "| shape | L | B | budget (tokens) | method | timing | us | speedup vs sdpa_flash | MB moved | bw_frac | copy_frac |",
+        "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
         speedup = "" if r.get("speedup_vs_sdpa_flash") is None else f"{r['speedup_vs_sdpa_flash']:.2f}x"
         frac = "" if r.get("bw_frac") is None else f"{r['bw_frac']:.2f}"
+        copy_frac = "" if r.get("copy_frac") is None else f"{r['copy_frac']:.2f}"
         timing = r["timing"] + (f" ({r['layers']})" if "layers" in r else "")
         lines.append(f"| {r['shape']} | {r['L']} | {r['B']} | {r['budget_tokens']} | {r['method']} | {timing} | {r['us']:.1f} | "
-                     f"{speedup} | {r['bytes'] / 1e6:.1f} | {frac} |")
+                     f"{speedup} | {r['bytes'] / 1e6:.1f} | {frac} | {copy_frac} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -544,6 +571,7 @@ def main(argv=None) -> int:
                     log(f"{config}: failed\n{traceback.format_exc()}")
                 torch.cuda.empty_cache()
 
+    copy_same_bytes(rows, timer, device)
     finish_rows(rows, copy_gbps)
     result = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": git_commit(), "copy_gbps": round(copy_gbps, 1), "block_size": BLOCK,

@@ -11,7 +11,10 @@
 //     block boundary);
 //   - each tile's K and V rows arrive by 16-byte cp.async into a kStages-deep ring in shared
 //     memory (zero-filled when a row is masked: past seq_len, a bad block index, a bad page), so
-//     kStages - 1 tiles are always in flight while the current one is computed;
+//     kStages - 1 tiles are always in flight while the current one is computed (Hopper bulk
+//     copies instead, one per 256-byte row completing on an mbarrier, measured slower: per layer
+//     at 128K tokens, 4096-token budget, B = 1 / 8 / 32: 17.2 / 46.0 / 141.5 us against
+//     15.1 / 42.4 / 129.4, H200);
 //   - rows are XOR-swizzled in 16-byte chunks so ldmatrix reads are free of bank conflicts;
 //   - Q K^T and P V run on mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate); each warp owns 16
 //     tokens of a tile and keeps its own online-softmax state, and the 4 warps merge once at
@@ -20,10 +23,11 @@
 // per row into a small shared ring one tile ahead of its loads, not once per 16-byte chunk.
 //
 // The splits' merge. On Hopper, when a row has at most kMaxClusterSplits splits and the grid's
-// clusters all run at once, a row's splits run as one thread-block cluster: each CTA leaves its
-// normalised partial row and LSE in its shared memory, and after a cluster barrier every CTA
-// merges a share of the output columns, reading the others' partials through distributed shared
-// memory. Otherwise the partials go to a global workspace and a second kernel merges them.
+// clusters all run at once, a row's splits run as one thread-block cluster: every warp of every
+// CTA leaves its normalised partial rows and their LSEs in its shared memory, and after a cluster
+// barrier every CTA merges a share of the output elements from all warps' partials, reading the
+// other CTAs' through distributed shared memory. Otherwise the CTA merges its 4 warps, and the
+// partials go to a global workspace that a second kernel merges.
 // Measured per layer (H200, 128K tokens, 4096-token budget, Qwen3-8B shapes): B = 1, 16 splits in
 // clusters 15.2 us against 15.8 for 32 splits and the merge kernel; B = 8, 4-CTA clusters 68 us
 // against 43 (not every cluster fit the first wave, hence the occupancy check).
@@ -89,11 +93,12 @@ struct DecodeConfig {
   static constexpr size_t kStatsOffset = kQueryOffset + kQueryBytes;
   static constexpr size_t kStatsBytes = 2 * kWarps * kHeadRows * sizeof(float);
   static constexpr size_t kSmemBytes = kStatsOffset + kStatsBytes;
-  // The end-of-loop merge reuses the K/V ring for every warp's fp32 [16, head_dim] accumulator,
-  // then (cluster merge) the CTA's normalised [16, head_dim] partial and its 16 LSEs.
-  static constexpr size_t kWarpOutFloats = size_t(kWarps) * kHeadRows * kHeadDim;
-  static constexpr size_t kPartialFloats = size_t(kHeadRows) * kHeadDim;
-  static_assert((kWarpOutFloats + kPartialFloats + kHeadRows) * sizeof(float) <= 2 * kKeyBytes,
+  // The end-of-loop merge reuses the K/V ring for every warp's fp32 [16, head_dim] accumulator
+  // (rows padded by 8 floats: the float2 stores of a half-warp's 4 rows then hit 32 distinct
+  // banks, where unpadded rows all start on bank 0), then (cluster merge) their 16 LSEs per warp.
+  static constexpr int kOutPitch = kHeadDim + 8;
+  static constexpr size_t kWarpOutFloats = size_t(kWarps) * kHeadRows * kOutPitch;
+  static_assert((kWarpOutFloats + kWarps * kHeadRows) * sizeof(float) <= 2 * kKeyBytes,
                 "merge buffers must fit in the pipeline's shared memory");
 };
 
@@ -101,41 +106,66 @@ struct DecodeConfig {
 // Split-KV attention kernel
 // ------------------------------------------------------------------------------------------
 
-// The cluster merge (the x dimension of the grid, the splits, is the cluster): CTA s of the
-// cluster writes elements s * kThreads + thread (stride splits * kThreads) of the row's
-// [num_rows, head_dim] output from every split's partial and LSE: out = sum_s exp(lse_s - lse)
-// out_s, lse = logsumexp_s lse_s. Every CTA's partial must be in its shared memory.
+// The cluster merge (the x dimension of the grid, the splits, is the cluster). Every warp of every
+// split left its normalised partial rows ([16][kOutPitch] floats) and their LSEs (log2 units,
+// [16]) in its CTA's shared memory; after a cluster barrier each output element is merged by 4
+// adjacent lanes, lane w reading warp w's partial of every split, and the 4 combine by shuffles:
+// out = sum exp2(lse_i - lse) out_i over all (split, warp) partials i, lse = log2-sum-exp2 of lse_i.
+// One pass over warps x splits instead of a per-CTA merge of the 4 warps, a barrier, and a
+// merge of the splits.
 template <typename T, int kHeadDim>
-__device__ void merge_in_cluster(const SparseDecodeParams& params, const float* partial, const float* lse_of_rows,
+__device__ void merge_in_cluster(const SparseDecodeParams& params, const float* warp_partial, const float* warp_lse,
                                  int num_rows, int64_t first_head) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
+  constexpr int kOutPitch = kHeadDim + 8;
+  static_assert(kWarps == 4, "4 lanes merge one element, one per warp");
   const cg::cluster_group cluster = cg::this_cluster();
-  cluster.sync();  // every split's partial written
+  cluster.sync();  // every warp's partial written
   const int splits = int(cluster.num_blocks());
-  for (int index = int(cluster.block_rank()) * kThreads + int(threadIdx.x); index < num_rows * kHeadDim;
-       index += splits * kThreads) {
-    const int head_row = index / kHeadDim;
+  const int warp = int(threadIdx.x) % kWarps;  // whose partials this lane reads
+  const int elements = num_rows * kHeadDim;
+  const int per_pass = splits * (kThreads / kWarps);
+  const int first = (int(cluster.block_rank()) * kThreads + int(threadIdx.x)) / kWarps;
+  // The same number of passes in every lane: the shuffles need all 32.
+  for (int pass_start = 0; pass_start < elements; pass_start += per_pass) {
+    const int index = pass_start + first;
+    const bool valid = index < elements;
+    const int head_row = valid ? index / kHeadDim : 0;
+    const int column = index % kHeadDim;
     // Unrolled over the largest cluster so the remote loads are all in flight at once.
     float split_lse[kMaxClusterSplits];
     float max_lse = -INFINITY;
 #pragma unroll
     for (int s = 0; s < kMaxClusterSplits; ++s) {
-      split_lse[s] = s < splits ? *cluster.map_shared_rank(lse_of_rows + head_row, s) : -INFINITY;
+      split_lse[s] = valid && s < splits ? *cluster.map_shared_rank(warp_lse + warp * kHeadRows + head_row, s)
+                                         : -INFINITY;
       max_lse = fmaxf(max_lse, split_lse[s]);
     }
+    max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, 1));
+    max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, 2));
     float total = 0.f, value = 0.f;
+    if (max_lse != -INFINITY) {
+      const float* partial = warp_partial + (warp * kHeadRows + head_row) * kOutPitch + column;
 #pragma unroll
-    for (int s = 0; s < kMaxClusterSplits; ++s) {
-      if (split_lse[s] == -INFINITY) continue;  // an empty split (or past the cluster)
-      const float weight = expf(split_lse[s] - max_lse);
-      total += weight;
-      value += weight * *cluster.map_shared_rank(partial + index, s);
+      for (int s = 0; s < kMaxClusterSplits; ++s) {
+        if (split_lse[s] == -INFINITY) continue;  // an empty warp or split (or past the cluster)
+        const float weight = fast_exp2(split_lse[s] - max_lse);
+        total += weight;
+        value += weight * *cluster.map_shared_rank(partial, s);
+      }
     }
-    const bool empty = max_lse == -INFINITY;
-    const int64_t head = first_head + head_row;
-    static_cast<T*>(params.out)[head * kHeadDim + index % kHeadDim] = from_float<T>(empty ? 0.f : value / total);
-    if (index % kHeadDim == 0) params.lse[head] = empty ? -INFINITY : max_lse + logf(total);
+    total += __shfl_xor_sync(0xffffffffu, total, 1);
+    total += __shfl_xor_sync(0xffffffffu, total, 2);
+    value += __shfl_xor_sync(0xffffffffu, value, 1);
+    value += __shfl_xor_sync(0xffffffffu, value, 2);
+    if (valid && warp == 0) {
+      // total >= 1 whenever max_lse is finite: the largest partial has weight 1.
+      const bool empty = max_lse == -INFINITY;
+      const int64_t head = first_head + head_row;
+      static_cast<T*>(params.out)[head * kHeadDim + column] = from_float<T>(empty ? 0.f : value / total);
+      if (column == 0) params.lse[head] = empty ? -INFINITY : (max_lse + log2f(total)) * kLn2;
+    }
   }
   cluster.sync();  // no CTA leaves while another still reads its shared memory
 #endif
@@ -398,36 +428,53 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDec
     }
   }
 
-  // Merge the 4 warps' partial softmax states through shared memory (the K/V ring is free once
-  // every copy has landed and every warp has left the loop).
+  // The warps' partial softmax states go through shared memory (the K/V ring is free once every
+  // copy has landed and every warp has left the loop).
   cp_async_wait<0>();
   __syncthreads();
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     row_sum[r] = quad_sum(row_sum[r]);
   }
-  float* warp_out = reinterpret_cast<float*>(shared_bytes);  // [warps][16][head_dim]
-  if (lane_pair == 0) {
+  constexpr int kOutPitch = Config::kOutPitch;
+  float* warp_out = reinterpret_cast<float*>(shared_bytes);  // [warps][16][kOutPitch]
+  const bool in_cluster = params.num_splits > 1 && params.merge_in_cluster;
+  // In a cluster each warp leaves its rows normalised, with their LSEs, for the cluster merge;
+  // otherwise raw, with their max and sum, for the CTA's own merge of the 4 warps.
+  float scale[2] = {1.f, 1.f};
+  if (in_cluster) {
+    float* warp_lse = warp_out + Config::kWarpOutFloats;  // [warps][16], log2 units
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool empty = row_max[r] == -INFINITY;  // else row_sum >= 1: the max's own token
+      scale[r] = empty ? 0.f : __frcp_rn(row_sum[r]);
+      if (lane_pair == 0) warp_lse[warp * kHeadRows + lane_row + 8 * r] = empty ? -INFINITY : row_max[r] + log2f(row_sum[r]);
+    }
+  } else if (lane_pair == 0) {
     warp_row_max[warp * kHeadRows + lane_row] = row_max[0];
     warp_row_max[warp * kHeadRows + lane_row + 8] = row_max[1];
     warp_row_sum[warp * kHeadRows + lane_row] = row_sum[0];
     warp_row_sum[warp * kHeadRows + lane_row + 8] = row_sum[1];
   }
   {
-    float* base = warp_out + warp * kHeadRows * kHeadDim;
+    float* base = warp_out + warp * kHeadRows * kOutPitch;
 #pragma unroll
     for (int n = 0; n < kDimTiles; ++n) {
       const int column = n * 8 + lane_pair * 2;
-      *reinterpret_cast<float2*>(base + lane_row * kHeadDim + column) = make_float2(out_acc[n][0], out_acc[n][1]);
-      *reinterpret_cast<float2*>(base + (lane_row + 8) * kHeadDim + column) =
-          make_float2(out_acc[n][2], out_acc[n][3]);
+      *reinterpret_cast<float2*>(base + lane_row * kOutPitch + column) =
+          make_float2(out_acc[n][0] * scale[0], out_acc[n][1] * scale[0]);
+      *reinterpret_cast<float2*>(base + (lane_row + 8) * kOutPitch + column) =
+          make_float2(out_acc[n][2] * scale[1], out_acc[n][3] * scale[1]);
     }
+  }
+  if (in_cluster) {
+    merge_in_cluster<T, kHeadDim>(params, warp_out, warp_out + Config::kWarpOutFloats, num_rows,
+                                  int64_t(batch_index) * params.heads_q + first_head);
+    return;
   }
   __syncthreads();
 
   const bool direct = params.num_splits == 1;
-  float* cluster_partial = warp_out + Config::kWarpOutFloats;  // [16][head_dim]
-  float* cluster_lse = cluster_partial + Config::kPartialFloats;  // [16]
   for (int index = thread; index < num_rows * kHeadDim; index += kThreads) {
     const int head_row = index / kHeadDim;
     const int column = index % kHeadDim;
@@ -440,7 +487,7 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDec
       for (int w = 0; w < kWarps; ++w) {
         const float weight = fast_exp2(warp_row_max[w * kHeadRows + head_row] - max_all);
         total += warp_row_sum[w * kHeadRows + head_row] * weight;
-        value += warp_out[(w * kHeadRows + head_row) * kHeadDim + column] * weight;
+        value += warp_out[(w * kHeadRows + head_row) * kOutPitch + column] * weight;
       }
     }
     // total > 0 whenever max_all is finite: the max's own token has weight 1.
@@ -451,17 +498,10 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDec
     if (direct) {
       static_cast<T*>(params.out)[head * kHeadDim + column] = from_float<T>(normalised);
       if (column == 0) params.lse[head] = lse;
-    } else if (params.merge_in_cluster) {
-      cluster_partial[index] = normalised;
-      if (column == 0) cluster_lse[head_row] = lse;
     } else {
       params.partial_out[(head * params.num_splits + split) * kHeadDim + column] = normalised;
       if (column == 0) params.partial_lse[head * params.num_splits + split] = lse;
     }
-  }
-  if (!direct && params.merge_in_cluster) {
-    merge_in_cluster<T, kHeadDim>(params, cluster_partial, cluster_lse, num_rows,
-                                  int64_t(batch_index) * params.heads_q + first_head);
   }
 }
 
