@@ -120,7 +120,7 @@ __device__ void merge_in_cluster(const SparseDecodeParams& params, const float* 
                                  int num_rows, int64_t first_head) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
-  constexpr int kOutPitch = kHeadDim + 8;
+  constexpr int kOutPitch = DecodeConfig<kHeadDim>::kOutPitch;
   static_assert(kWarps == 4, "4 lanes merge one element, one per warp");
   const cg::cluster_group cluster = cg::this_cluster();
   cluster.sync();  // every warp's partial written
