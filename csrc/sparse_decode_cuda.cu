@@ -15,6 +15,9 @@
 //     copies instead, one per 256-byte row completing on an mbarrier, measured slower: per layer
 //     at 128K tokens, 4096-token budget, B = 1 / 8 / 32: 17.2 / 46.0 / 141.5 us against
 //     15.1 / 42.4 / 129.4, H200);
+//     A deep ring for grids of at most one CTA per SM (~192 KB: 5 tiles of head dim 128 in
+//     flight, the chosen list loaded together with the count) measured slower where it applies:
+//     B = 1, 15.1 us per layer against 14.7 (H200, 128K tokens, 4096-token budget);
 //   - rows are XOR-swizzled in 16-byte chunks so ldmatrix reads are free of bank conflicts;
 //   - Q K^T and P V run on mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate); each warp owns 16
 //     tokens of a tile and keeps its own online-softmax state, and the 4 warps merge once at

@@ -496,7 +496,7 @@ def test_gpu_all_blocks_equal_dense(block_size, heads_q, heads_kv, dim):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("batch,budget", [(1, "all"), (2, 3), (80, 2), (80, "one"), (130, "some")])
+@pytest.mark.parametrize("batch,budget", [(1, "all"), (2, 3), (8, "some"), (80, 2), (80, "one"), (130, "some")])
 def test_gpu_split_planner_shapes(batch, budget):
     """Few long rows (many splits) through many short rows (one split, direct output)."""
     gen = torch.Generator().manual_seed(batch)
@@ -521,6 +521,17 @@ def test_gpu_split_merges(monkeypatch, merge, splits, heads_q, heads_kv, dim):
                      empty_rows=1)
     out, lse = run_gpu(case)
     assert_matches(out, lse, *masked_reference(case, "cuda"), torch.bfloat16, GPU_TOL)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_long_chosen_lists():
+    """Chosen lists of 750 and 563 blocks (16-token blocks), all of them: must equal dense attention."""
+    gen = torch.Generator().manual_seed(47)
+    case = make_case(2, 8, 2, 128, [12000, 9001], torch.bfloat16, "all", 16, generator=gen)
+    assert case["counts"].max().item() > 512
+    out, lse = run_gpu(case)
+    assert_matches(out, lse, *dense_attention(case), torch.bfloat16, GPU_TOL)
 
 
 @pytest.mark.gpu
