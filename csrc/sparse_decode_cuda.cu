@@ -36,6 +36,8 @@
 // against 43 (not every cluster fit the first wave, hence the occupancy check). Merging all
 // warps' partials in one cluster pass took B = 1 from 15.1 to 14.3 us (phase traces: the CTA's
 // own merge of its warps fell from 3.3k-4.3k cycles to 1.2k, the cluster merge rose from 5k to 6.5k).
+// Loading the partials together with their LSEs (one round trip through distributed shared
+// memory, not two) changed nothing measurable: B = 1, 14.7 us per layer either way.
 #include <cooperative_groups.h>
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -639,8 +641,11 @@ int resident_ctas_per_sm() {
 // Splits so that the whole grid is one wave of resident CTAs: every CTA starts at once and
 // streams its share, where a second wave pays the pipeline's fill and drain again. Measured on an
 // H200 at 128K tokens, 4096-token budget, Qwen3-8B shapes, B = 8: 4 splits (one wave) 52 us, 8
-// splits 57 us, 16 splits 65 us; the earlier two-wave plan (9 splits) took 61 us. Never fewer
-// than kMinTokensPerSplit tokens per split nor more splits than chosen blocks.
+// splits 57 us, 16 splits 65 us; the earlier two-wave plan (9 splits) took 61 us. Again on
+// 2026-12-03 (bench/decode_tune.py --batches 8, one graph replay): 1 / 2 / 3 / 4 / 6 / 8 splits
+// 106 / 59 / 56 / 50 / 62 / 54 us; 2 splits merged in 2-CTA clusters (no merge kernel) 59 against
+// 57 through the merge kernel. Never fewer than kMinTokensPerSplit tokens per split nor more splits
+// than chosen blocks.
 int plan_splits(const SparseDecodeParams& params, int ctas_per_sm) {
   if (params.max_selected <= 1) return 1;
   const int64_t work_rows = int64_t(params.batch) * params.heads_kv * head_chunks(params);
