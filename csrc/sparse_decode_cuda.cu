@@ -14,10 +14,9 @@
 //     kStages - 1 tiles are always in flight while the current one is computed (Hopper bulk
 //     copies instead, one per 256-byte row completing on an mbarrier, measured slower: per layer
 //     at 128K tokens, 4096-token budget, B = 1 / 8 / 32: 17.2 / 46.0 / 141.5 us against
-//     15.1 / 42.4 / 129.4, H200);
-//     A deep ring for grids of at most one CTA per SM (~192 KB: 5 tiles of head dim 128 in
-//     flight, the chosen list loaded together with the count) measured slower where it applies:
-//     B = 1, 15.1 us per layer against 14.7 (H200, 128K tokens, 4096-token budget);
+//     15.1 / 42.4 / 129.4, H200; and so did a deep ring for grids of at most one CTA per SM,
+//     ~192 KB with 5 tiles of head dim 128 in flight and the chosen list loaded together with
+//     the count: B = 1, 15.1 us per layer against 14.7);
 //   - rows are XOR-swizzled in 16-byte chunks so ldmatrix reads are free of bank conflicts;
 //   - Q K^T and P V run on mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate); each warp owns 16
 //     tokens of a tile and keeps its own online-softmax state, and the 4 warps merge once at
@@ -643,9 +642,9 @@ int resident_ctas_per_sm() {
 // H200 at 128K tokens, 4096-token budget, Qwen3-8B shapes, B = 8: 4 splits (one wave) 52 us, 8
 // splits 57 us, 16 splits 65 us; the earlier two-wave plan (9 splits) took 61 us. Again on
 // 2026-12-03 (bench/decode_tune.py --batches 8, one graph replay): 1 / 2 / 3 / 4 / 6 / 8 splits
-// 106 / 59 / 56 / 50 / 62 / 54 us; 2 splits merged in 2-CTA clusters (no merge kernel) 59 against
-// 57 through the merge kernel. Never fewer than kMinTokensPerSplit tokens per split nor more splits
-// than chosen blocks.
+// 106 / 59 / 56 / 50 / 62 / 54 us, and 2 splits 57 us with SPOT_DECODE_CLUSTER=0 (the merge
+// kernel, not a cluster; bench/results/decode_tune_b8_h200.json). Never fewer than
+// kMinTokensPerSplit tokens per split nor more splits than chosen blocks.
 int plan_splits(const SparseDecodeParams& params, int ctas_per_sm) {
   if (params.max_selected <= 1) return 1;
   const int64_t work_rows = int64_t(params.batch) * params.heads_kv * head_chunks(params);
