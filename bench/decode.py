@@ -7,8 +7,9 @@ against the device's copy bandwidth.
 
 Writes bench/results/decode_<device>.json, .md and .png (``--tag`` overrides <device>, default
 ``h100`` on an H100). Every time is the median over ``--iters`` runs of CUDA-event-timed calls
-after warm-up, with the L2 cache flushed (256 MB written) before every timed call, so no method
-reads its working set from L2. A configuration that does not fit in memory is skipped and
+after warm-up, with the L2 cache flushed (256 MB read; ``--l2-flush write`` zeroes them instead,
+which leaves ~50 MB of dirty lines for the timed call to write back) before every timed call, so
+no method reads its working set from L2. A configuration that does not fit in memory is skipped and
 recorded as such.
 
 Per-layer times (``timing: "layers"``, ``--graph-layers N``, at the sweep's longest length): each
@@ -70,9 +71,23 @@ TWILIGHT_TOP_P = 0.95
 
 
 class Timer:
-    def __init__(self, warmup: int, iters: int, device) -> None:
-        self.warmup, self.iters = warmup, iters
-        self.flush_buffer = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+    """``l2_flush="read"`` (the default) empties the L2 by reading 256 MB, leaving only clean lines;
+    ``"write"`` zeroes the 256 MB, which leaves the L2 full of dirty lines that the timed call then
+    writes back to HBM (about 50 MB, a few microseconds of the first kernel's bandwidth) - a cost
+    of the benchmark, not of the method."""
+
+    def __init__(self, warmup: int, iters: int, device, l2_flush: str = "read") -> None:
+        if l2_flush not in ("read", "write"):
+            raise ValueError(f"l2_flush must be 'read' or 'write', got {l2_flush!r}")
+        self.warmup, self.iters, self.l2_flush = warmup, iters, l2_flush
+        self.flush_buffer = torch.ones(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+        self.flush_sink = torch.empty((), dtype=torch.int64, device=device)
+
+    def flush(self) -> None:
+        if self.l2_flush == "read":
+            torch.sum(self.flush_buffer, dtype=torch.int64, out=self.flush_sink)
+        else:
+            self.flush_buffer.zero_()
 
     def __call__(self, fn) -> float:
         """Median microseconds of ``fn()`` with a cold L2."""
@@ -81,12 +96,33 @@ class Timer:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.iters)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.iters)]
         for i in range(self.iters):
-            self.flush_buffer.zero_()
+            self.flush()
             starts[i].record()
             fn()
             ends[i].record()
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1000.0
+
+
+def read_bandwidth_gbps(device) -> float:
+    """A 1 GiB sum: bytes read per second (GB/s). HBM reads alone stream faster than a copy's mix
+    of reads and writes, so a read-only kernel can exceed a bw_frac of 1."""
+    source = torch.ones(1 << 28, dtype=torch.int32, device=device)
+    total = torch.empty((), dtype=torch.int64, device=device)
+    for _ in range(3):
+        torch.sum(source, dtype=torch.int64, out=total)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.sum(source, dtype=torch.int64, out=total)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000.0)
+    del source
+    torch.cuda.empty_cache()
+    return (1 << 30) / statistics.median(times) / 1e9
 
 
 def copy_bandwidth_gbps(device) -> float:
@@ -456,7 +492,9 @@ def markdown(result) -> str:
         f"# Decode attention on {result['device']}",
         "",
         f"date {result['date']}, commit {result['commit']}, copy bandwidth {result['copy_gbps']:.0f} GB/s "
-        f"(read + write), bf16, block {BLOCK}, sink {SINK} + local {LOCAL} blocks kept by every selection.",
+        f"(read + write), read bandwidth {result.get('read_gbps', 0):.0f} GB/s (a sum), bf16, block {BLOCK}, "
+        f"sink {SINK} + local {LOCAL} blocks kept by every selection; L2 emptied before every timed call by "
+        f"{'reading' if result.get('l2_flush', 'write') == 'read' else 'writing'} 256 MB.",
         "",
         "timing: `single` = one call (or one graph replay for spot_step_graph), L2 flushed before it; "
         "`layers` = per-layer time inside one CUDA graph running the method for several layers, each with "
@@ -532,6 +570,8 @@ def main(argv=None) -> int:
     parser.add_argument("--graph-layers", type=int, default=8,
                         help="layers per graph for the per-layer times at the longest length (0: none)")
     parser.add_argument("--layered-only", action="store_true", help="only the per-layer times")
+    parser.add_argument("--l2-flush", choices=["read", "write"], default="read",
+                        help="how the L2 is emptied before each timed call (see Timer)")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -547,8 +587,9 @@ def main(argv=None) -> int:
     began = time.time()
     log = lambda text: print(text, flush=True)  # noqa: E731
     copy_gbps = copy_bandwidth_gbps(device)
-    log(f"{name}: copy bandwidth {copy_gbps:.0f} GB/s")
-    timer = Timer(args.warmup, args.iters, device)
+    read_gbps = read_bandwidth_gbps(device)
+    log(f"{name}: copy bandwidth {copy_gbps:.0f} GB/s, read bandwidth {read_gbps:.0f} GB/s")
+    timer = Timer(args.warmup, args.iters, device, args.l2_flush)
     rows: list[dict] = []
     skipped: list[str] = []
     for shape in args.shapes:
@@ -574,7 +615,8 @@ def main(argv=None) -> int:
     copy_same_bytes(rows, timer, device)
     finish_rows(rows, copy_gbps)
     result = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": git_commit(), "copy_gbps": round(copy_gbps, 1), "block_size": BLOCK,
+              "commit": git_commit(), "copy_gbps": round(copy_gbps, 1), "read_gbps": round(read_gbps, 1),
+              "l2_flush": args.l2_flush, "block_size": BLOCK,
               "quick": args.quick, "skipped": skipped, "rows": rows}
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"decode_{tag}")
