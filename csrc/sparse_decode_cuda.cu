@@ -36,7 +36,11 @@
 // warps' partials in one cluster pass took B = 1 from 15.1 to 14.3 us (phase traces: the CTA's
 // own merge of its warps fell from 3.3k-4.3k cycles to 1.2k, the cluster merge rose from 5k to 6.5k).
 // Loading the partials together with their LSEs (one round trip through distributed shared
-// memory, not two) changed nothing measurable: B = 1, 14.7 us per layer either way.
+// memory, not two) changed nothing measurable: B = 1, 14.7 us per layer either way. Nor did
+// replacing the merge kernel by a merge in the row's last split to finish (a per-row counter
+// taken with atomicInc after a __threadfence): B = 8, 42.6 / 42.7 us per layer against 42.5 / 42.6.
+// Prefetching the row's chosen list into L1 before the count arrives did not shorten the
+// prologue either: B = 1 / 8 / 32, 14.5 / 42.3 / 131.3 us against 14.5 / 42.5 / 131.3 (H200).
 #include <cooperative_groups.h>
 #include <cuda.h>
 #include <cuda_runtime.h>
