@@ -80,12 +80,12 @@ class Timer:
         if l2_flush not in ("read", "write"):
             raise ValueError(f"l2_flush must be 'read' or 'write', got {l2_flush!r}")
         self.warmup, self.iters, self.l2_flush = warmup, iters, l2_flush
-        self.flush_buffer = torch.ones(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
-        self.flush_sink = torch.empty((), dtype=torch.int64, device=device)
+        self.flush_buffer = torch.ones(256 * 1024 * 1024 // 4, dtype=torch.float32, device=device)
+        self.flush_sink = torch.empty((), dtype=torch.float32, device=device)
 
     def flush(self) -> None:
         if self.l2_flush == "read":
-            torch.sum(self.flush_buffer, dtype=torch.int64, out=self.flush_sink)
+            torch.sum(self.flush_buffer, dim=0, out=self.flush_sink)
         else:
             self.flush_buffer.zero_()
 
@@ -107,16 +107,16 @@ class Timer:
 def read_bandwidth_gbps(device) -> float:
     """A 1 GiB sum: bytes read per second (GB/s). HBM reads alone stream faster than a copy's mix
     of reads and writes, so a read-only kernel can exceed a bw_frac of 1."""
-    source = torch.ones(1 << 28, dtype=torch.int32, device=device)
-    total = torch.empty((), dtype=torch.int64, device=device)
+    source = torch.ones(1 << 28, dtype=torch.float32, device=device)
+    total = torch.empty((), dtype=torch.float32, device=device)
     for _ in range(3):
-        torch.sum(source, dtype=torch.int64, out=total)
+        torch.sum(source, dim=0, out=total)
     torch.cuda.synchronize()
     times = []
     for _ in range(10):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        torch.sum(source, dtype=torch.int64, out=total)
+        torch.sum(source, dim=0, out=total)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1000.0)
