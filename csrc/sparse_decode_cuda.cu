@@ -330,10 +330,15 @@ __global__ void __launch_bounds__(kThreads) sparse_decode_kernel(const SparseDec
 #pragma unroll
   for (int n = 0; n < kDimTiles; ++n) out_acc[n][0] = out_acc[n][1] = out_acc[n][2] = out_acc[n][3] = 0.f;
 
-  // Pipeline prologue: resolve kStages tiles, then start loading the first kStages - 1.
-  for (int tile = 0; tile < kStages; ++tile) resolve_rows(tile);
+  // Pipeline prologue: resolve kStages tiles and start loading the first kStages - 1; tile 0's
+  // loads go out before the other tiles' rows are resolved, as the stream's first bytes.
+  resolve_rows(0);
   __syncthreads();
-  for (int tile = 0; tile < kStages - 1; ++tile) {
+  load_tile(0);
+  cp_async_commit();
+  for (int tile = 1; tile < kStages; ++tile) resolve_rows(tile);
+  __syncthreads();
+  for (int tile = 1; tile < kStages - 1; ++tile) {
     load_tile(tile);
     cp_async_commit();
   }
@@ -528,28 +533,43 @@ __global__ void __launch_bounds__(kHeadDim / 4) sparse_decode_merge_kernel(const
   allow_dependent_launch();
   const int64_t head = blockIdx.x;  // flat (sequence, query head)
   const int splits = params.num_splits;
-  // The LSEs come in with one load per thread, the partial rows with several loads in flight,
-  // not as a chain of dependent loads over the splits (3.9 us at 32 splits, B = 1, on an H200).
+  const int column = threadIdx.x * 4;
+  const float* split_out = params.partial_out + head * splits * kHeadDim + column;
+  // The first splits' partial rows are loaded together with the LSEs, not once the LSEs are in:
+  // one round trip to L2 on the critical path between the splits and the next layer, not two.
+  // Every split wrote its rows (zeros when empty), so the loads need not wait for the LSEs.
+  constexpr int kEarlySplits = 8;
+  float4 early[kEarlySplits];
+#pragma unroll
+  for (int s = 0; s < kEarlySplits; ++s) {
+    if (s < splits) early[s] = *reinterpret_cast<const float4*>(split_out + int64_t(s) * kHeadDim);
+  }
+  // The LSEs come in with one load per thread, the later partial rows with several loads in
+  // flight, not as a chain of dependent loads over the splits (3.9 us at 32 splits, B = 1, H200).
   for (int s = threadIdx.x; s < splits; s += blockDim.x) split_lse[s] = params.partial_lse[head * splits + s];
   __syncthreads();
   float max_lse = -INFINITY;
   for (int s = 0; s < splits; ++s) max_lse = fmaxf(max_lse, split_lse[s]);
-  const int column = threadIdx.x * 4;
   float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
   float total = 0.f;
+  auto accumulate = [&](int s, const float4& part) {
+    const float lse = split_lse[s];
+    if (lse == -INFINITY) return;  // an empty split (its rows are zeros)
+    const float weight = expf(lse - max_lse);
+    total += weight;
+    value.x += weight * part.x;
+    value.y += weight * part.y;
+    value.z += weight * part.z;
+    value.w += weight * part.w;
+  };
   if (max_lse != -INFINITY) {
-    const float* split_out = params.partial_out + head * splits * kHeadDim + column;
+#pragma unroll
+    for (int s = 0; s < kEarlySplits; ++s) {
+      if (s < splits) accumulate(s, early[s]);
+    }
 #pragma unroll 8
-    for (int s = 0; s < splits; ++s) {
-      const float lse = split_lse[s];
-      if (lse == -INFINITY) continue;  // an empty split: its partial_out is 0 but skip the read
-      const float weight = expf(lse - max_lse);
-      const float4 part = *reinterpret_cast<const float4*>(split_out + int64_t(s) * kHeadDim);
-      total += weight;
-      value.x += weight * part.x;
-      value.y += weight * part.y;
-      value.z += weight * part.z;
-      value.w += weight * part.w;
+    for (int s = kEarlySplits; s < splits; ++s) {
+      if (split_lse[s] != -INFINITY) accumulate(s, *reinterpret_cast<const float4*>(split_out + int64_t(s) * kHeadDim));
     }
   }
   const bool empty = max_lse == -INFINITY;
