@@ -41,6 +41,14 @@
 // taken with atomicInc after a __threadfence): B = 8, 42.6 / 42.7 us per layer against 42.5 / 42.6.
 // Prefetching the row's chosen list into L1 before the count arrives did not shorten the
 // prologue either: B = 1 / 8 / 32, 14.5 / 42.3 / 131.3 us against 14.5 / 42.5 / 131.3 (H200).
+// Where the time outside the stream went before the two changes below (per-CTA %globaltimer traces,
+// B = 8, 4-layer graph): from the wait's return, 3.5 us to the first loads' issue and 1.2 us more
+// to the first tile, 29.5 us of streaming (median CTA; 1.4 us more for the slowest), 1.4 us of warp
+// merge and partial writes, then 2.4 us of merge kernel until the next layer's wait returns. What
+// helped: the merge kernel loading the first splits' partial rows together with their LSEs, and
+// tile 0's loads issued before the next tiles' rows are resolved: B = 8, 38.8 us per layer against
+// 39.7; SmolLM2 shapes (d = 64) B = 8 / 32, 13.7 / 31.6 against 14.4 / 32.8; B = 1 (merged in a
+// cluster) 13.6 against 13.2, within the spread between runs (H200, L2 emptied by reading).
 #include <cooperative_groups.h>
 #include <cuda.h>
 #include <cuda_runtime.h>
