@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     num_blocks = math.ceil(args.length / BLOCK)
     blocks = min(num_blocks, math.ceil(args.budget / BLOCK))
     result = {"device": torch.cuda.get_device_name(device), "commit": git_commit(), "copy_gbps": round(copy_gbps, 1),
-              "l2_flush": timer.l2_flush, "shape": args.shape, "L": args.length, "budget_tokens": blocks * BLOCK, "rows": []}
+              "l2_flush": timer.l2_flush, "shape": args.shape, "L": args.length, "budget_tokens": blocks * BLOCK,
+              "rows": []}
     print(f"{result['device']}: copy {copy_gbps:.0f} GB/s; {args.shape} L={args.length} budget {blocks * BLOCK} tokens")
     for batch in args.batches:
         gen = torch.Generator(device=device).manual_seed(batch)
