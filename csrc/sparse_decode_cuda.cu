@@ -40,7 +40,8 @@
 // replacing the merge kernel by a merge in the row's last split to finish (a per-row counter
 // taken with atomicInc after a __threadfence): B = 8, 42.6 / 42.7 us per layer against 42.5 / 42.6.
 // Prefetching the row's chosen list into L1 before the count arrives did not shorten the
-// prologue either: B = 1 / 8 / 32, 14.5 / 42.3 / 131.3 us against 14.5 / 42.5 / 131.3 (H200).
+// prologue either: B = 1 / 8 / 32, 14.5 / 42.3 / 131.3 us against 14.5 / 42.5 / 131.3 (H200; these
+// two with the L2 emptied by writing, which the timed call paid for in dirty-line write-backs).
 // Where the time outside the stream went before the two changes below (per-CTA %globaltimer traces,
 // B = 8, 4-layer graph): from the wait's return, 3.5 us to the first loads' issue and 1.2 us more
 // to the first tile, 29.5 us of streaming (median CTA; 1.4 us more for the slowest), 1.4 us of warp
