@@ -42,7 +42,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from benchlib import ROOT, git_commit, import_spot_attention
+from benchlib import ROOT, git_commit, import_spot_attention, time_us
 
 sa = import_spot_attention()
 from spot_attention import reference  # noqa: E402
@@ -109,40 +109,20 @@ def read_bandwidth_gbps(device) -> float:
     bandwidth that bw_frac divides by (a kernel that only reads can pass a bw_frac of 1)."""
     source = torch.ones(1 << 28, dtype=torch.float32, device=device)
     total = torch.empty((), dtype=torch.float32, device=device)
-    for _ in range(3):
-        torch.sum(source, dim=0, out=total)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.sum(source, dim=0, out=total)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000.0)
+    us = time_us(lambda: torch.sum(source, dim=0, out=total))
     del source
     torch.cuda.empty_cache()
-    return (1 << 30) / statistics.median(times) / 1e9
+    return (1 << 30) / (us * 1e-6) / 1e9
 
 
 def copy_bandwidth_gbps(device) -> float:
     """Device-to-device copy of 1 GiB, read + write bytes per second (GB/s)."""
     source = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    for _ in range(3):
-        target.copy_(source)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        target.copy_(source)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000.0)
+    us = time_us(lambda: target.copy_(source))
     del source, target
     torch.cuda.empty_cache()
-    return 2 * (1 << 30) / statistics.median(times) / 1e9
+    return 2 * (1 << 30) / (us * 1e-6) / 1e9
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,9 +472,9 @@ def markdown(result) -> str:
         f"# Decode attention on {result['device']}",
         "",
         f"date {result['date']}, commit {result['commit']}, copy bandwidth {result['copy_gbps']:.0f} GB/s "
-        f"(read + write), read bandwidth {result.get('read_gbps', 0):.0f} GB/s (a sum), bf16, block {BLOCK}, "
+        f"(read + write), read bandwidth {result['read_gbps']:.0f} GB/s (a sum), bf16, block {BLOCK}, "
         f"sink {SINK} + local {LOCAL} blocks kept by every selection; L2 emptied before every timed call by "
-        f"{'reading' if result.get('l2_flush', 'write') == 'read' else 'writing'} 256 MB.",
+        f"{'reading' if result['l2_flush'] == 'read' else 'writing'} 256 MB.",
         "",
         "timing: `single` = one call (or one graph replay for spot_step_graph), L2 flushed before it; "
         "`layers` = per-layer time inside one CUDA graph running the method for several layers, each with "
