@@ -29,6 +29,13 @@
 // decode step against 14.8 (H200). Neither did two latency cuts change anything measurable:
 // prefetching each thread's key row into L1 before reading the query, and the forced mass summed
 // by one warp without a barrier (13.07 us at 2048 blocks, 14.7 per layer against 14.9).
+// Nor did a cluster path of one cluster exchange instead of three (each warp sorts its 32 blocks
+// by shuffles, each block finds its place in its CTA by binary searches of the other warps'
+// lists, the first CTA merges the CTAs' lists and joins the softmax from each CTA's max and sum):
+// 16.9 us per layer against 15.2 (19.0 with data-dependent search loops; H200, 128K tokens, B = 1,
+// 4-layer graphs). Launching the kernel as a dependent of the previous one (its CTAs wait,
+// resident, for that grid's outputs) took B = 1 from 15.8 to 15.2 us per layer, and the step
+// from 28.8 to 28.3 (Qwen3-8B shapes; SmolLM2 shapes 24.1 to 23.5).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -623,6 +630,9 @@ __global__ void __launch_bounds__(kThreads, kClustered ? 1 : 2)
   double* prob = reinterpret_cast<double*>(shared_bytes);
   float* scores = reinterpret_cast<float*>(shared_bytes + layout.scores);
   float* query = reinterpret_cast<float*>(shared_bytes + layout.query);
+  // Launched as a dependent of the previous kernel (in a decode graph, the attention of the layer
+  // before): the CTAs are resident when that grid's outputs land, and read nothing before.
+  wait_for_previous_grid();
   allow_dependent_launch();  // the step's sparse_decode waits for this grid before reading
   const int rank = kClustered ? cluster_rank() : 0;
   const int h = blockIdx.x / ranks, b = blockIdx.y;
@@ -695,24 +705,28 @@ int cluster_ranks(const DecodeSelectParams& params) {
   return ranks;
 }
 
+// The 48 KB default counts static shared memory too (~5.5 KB here), so opt in on every launch
+// (cheap, and capture-safe) rather than only above 48 KB of dynamic memory.
+template <auto Kernel>
+void prepare_kernel(size_t shared_bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
+}
+
 template <typename query_t, typename key_t, KCacheFormat Format>
 void launch(const DecodeSelectParams& params) {
   const int ranks = cluster_ranks<decode_select_kernel<query_t, key_t, Format, true>>(params);
   const size_t shared_bytes = shared_layout(params.num_key_blocks, params.dim, ranks > 1).bytes;
-  auto kernel = ranks > 1 ? decode_select_kernel<query_t, key_t, Format, true>
-                          : decode_select_kernel<query_t, key_t, Format, false>;
-  // The 48 KB default counts static shared memory too (~5.5 KB here), so opt in on every launch
-  // (cheap, and capture-safe) rather than only above 48 KB of dynamic memory.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(unsigned(params.heads * ranks), unsigned(params.batch));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = shared_bytes;
-  config.stream = c10::cuda::getCurrentCUDAStream().stream();
-  cudaLaunchAttribute cluster = cluster_dimension(unsigned(ranks));
-  config.attrs = &cluster;
-  config.numAttrs = ranks > 1 ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, params, ranks));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const dim3 grid(unsigned(params.heads * ranks), unsigned(params.batch));
+  if (ranks > 1) {
+    prepare_kernel<decode_select_kernel<query_t, key_t, Format, true>>(shared_bytes);
+    launch_dependent_in_clusters<decode_select_kernel<query_t, key_t, Format, true>>(
+        grid, dim3(kThreads), shared_bytes, stream, unsigned(ranks), params, ranks);
+  } else {
+    prepare_kernel<decode_select_kernel<query_t, key_t, Format, false>>(shared_bytes);
+    launch_dependent<decode_select_kernel<query_t, key_t, Format, false>>(grid, dim3(kThreads), shared_bytes, stream,
+                                                                          params, ranks);
+  }
 }
 
 }  // namespace

@@ -456,6 +456,36 @@ def test_decode_select_cuda_ties_break_by_index(width):
 
 
 @gpu
+@pytest.mark.parametrize("fmt", ["int4", "dense"])
+@pytest.mark.parametrize("batch,heads,width,dim", [(1, 8, 2048, 64), (2, 3, 1500, 32), (1, 1, 4000, 64)])
+def test_decode_select_cuda_small_batch_clusters(batch, heads, width, dim, fmt):
+    """Few rows of at most 8 x 512 blocks: on an H100 or H200 each row runs as a cluster of 4 or 8
+    CTAs of at most 512 blocks each (the decode shapes at batch 1), which sort their chunks and
+    merge the ordered lists in the first CTA. Covered: the last visible block unscored
+    (probability 0), sinks and local windows across CTA chunks (the short second sequence),
+    k_min past the positive probabilities, and logits so spread that most probabilities
+    underflow to 0 (those blocks then rank by index)."""
+    gen = generator(width + batch)
+    block_size = 64
+    query, stored, scales, global_scale, _, seq_lens = decode_inputs(batch, heads, width, dim, torch.bfloat16, fmt,
+                                                                   block_size, gen, max_len=width * block_size - 9)
+    if batch > 1:
+        seq_lens[1] = 150 * block_size + 7
+    kwargs = dict(key_scales=scales, format=fmt, global_scale=global_scale)
+    cuda_kwargs = dict(key_scales=None if scales is None else scales.cuda(), format=fmt, global_scale=global_scale)
+    cases = [(0.9, 0, 64, 1, 1, 0.125), (0.5, 8, 40, 2, 3, 0.3), (0.99, 64, 64, 1, 1, 0.125),
+             (1.0, 0, 64, 0, 0, 0.125), (0.9, 4, 64, 30, 20, 0.125), (0.9, 4, 128, 60, 60, 0.125),
+             (0.9, 60, 64, 1, 1, 400.0), (1.0, 0, 64, 0, 2, 400.0)]
+    for top_p, k_min, k_max, sink, local, scale in cases:
+        want = spot_attention.decode_select(query, stored, seq_lens, top_p, k_min, k_max, sink, local, block_size,
+                                            scale, **kwargs)
+        got = spot_attention.decode_select(query.cuda(), stored.cuda(), seq_lens.cuda(), top_p, k_min, k_max, sink,
+                                           local, block_size, scale, **cuda_kwargs)
+        assert torch.equal(got[1].cpu(), want[1]), (top_p, k_min, k_max, sink, local, scale)
+        assert torch.equal(got[0].cpu(), want[0]), (top_p, k_min, k_max, sink, local, scale)
+
+
+@gpu
 def test_decode_select_cuda_graph_capture():
     gen = generator(8)
     query, stored, scales, global_scale, _, seq_lens = decode_inputs(4, 8, 512, 64, torch.bfloat16, "int4", 64, gen)
