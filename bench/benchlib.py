@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import sys
 import time
 
@@ -55,8 +56,14 @@ def write_results(result: dict, path: str) -> None:
 
 
 def device_tag(device, description: str) -> str:
-    """Results-file suffix: "cpu", or the last word of the GPU's name ("h200")."""
-    return "cpu" if device.type == "cpu" else description.split()[-1].lower()
+    """Results-file suffix: "cpu", else the GPU model in its name, lower case ("NVIDIA H100 80GB
+    HBM3" and "NVIDIA H100-SXM5" -> "h100", "NVIDIA H200" -> "h200"), else the whole name."""
+    if device.type == "cpu":
+        return "cpu"
+    model = re.search(r"\b[A-Z]{1,2}\d{2,3}[A-Z]?\b", description)
+    if model:
+        return model.group(0).lower()
+    return re.sub(r"[^a-z0-9]+", "_", description.lower()).strip("_")
 
 
 def time_us(function, budget_s: float = 2.0, min_iterations: int = 3, max_iterations: int = 50) -> float:

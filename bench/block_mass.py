@@ -6,7 +6,7 @@ on one GPU, B = 1, for the model shapes below, and writes
 
     bench/results/block_mass_<tag>.json   {"device", "date", "commit", "rows": [...]}
     bench/results/block_mass_<tag>.md     the same rows as a table
-(<tag> = h100 on an H100, else the device name; --tag overrides it).
+(<tag> = the GPU model, h100 on an H100; --tag overrides it).
 
 Dense baseline: torch scaled_dot_product_attention with only the flash backend enabled, causal,
 query [1, Hq, L, d] and key/value [1, Hq, L, d] (KV heads repeated up front, outside the timing,
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchlib import MODEL_SHAPES as SHAPES
-from benchlib import ROOT, git_commit, import_spot_attention, time_us
+from benchlib import ROOT, device_tag, git_commit, import_spot_attention, time_us
 
 spot_attention = import_spot_attention()
 
@@ -92,13 +92,13 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--block-size-q", type=int, default=64)
     parser.add_argument("--block-size-k", type=int, default=64)
-    parser.add_argument("--tag", help="output name suffix (default: h100 on an H100, else the device name)")
+    parser.add_argument("--tag", help="output name suffix (default: the GPU model, h100 on an H100)")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
     args = parser.parse_args()
     if not spot_attention.cuda_available():
         raise SystemExit("bench/block_mass.py needs CUDA and the CUDA build of spot_ops")
     device_name = torch.cuda.get_device_name()
-    tag = args.tag or ("h100" if "H100" in device_name else device_name.lower().replace(" ", "_").replace("/", "_"))
+    tag = args.tag or device_tag(torch.device("cuda"), device_name)
 
     rows = []
     for length in args.lengths:

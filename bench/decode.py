@@ -5,8 +5,8 @@ against the device's copy bandwidth.
     python bench/decode.py            # full sweep (17 s on an H200)
     python bench/decode.py --quick    # a few configurations (well under a minute)
 
-Writes bench/results/decode_<device>.json, .md and .png (``--tag`` overrides <device>, default
-``h100`` on an H100). Every time is the median over ``--iters`` runs of CUDA-event-timed calls
+Writes bench/results/decode_<device>.json, .md and .png (<device>: the GPU model, ``h100`` on an
+H100; ``--tag`` overrides it). Every time is the median over ``--iters`` runs of CUDA-event-timed calls
 after warm-up, with the L2 cache emptied before every timed call by reading 256 MB (``--l2-flush
 write`` zeroes them instead, which leaves dirty lines for the timed call to write back), so no
 method reads its working set from L2. A configuration that does not fit in memory is skipped and
@@ -42,7 +42,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from benchlib import ROOT, git_commit, import_spot_attention, time_us
+from benchlib import ROOT, device_tag, git_commit, import_spot_attention, time_us
 
 sa = import_spot_attention()
 from spot_attention import reference  # noqa: E402
@@ -545,7 +545,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
-    parser.add_argument("--tag", help="file name suffix (default: h100 on an H100, else the device name)")
+    parser.add_argument("--tag", help="file name suffix (default: the GPU model, h100 on an H100)")
     parser.add_argument("--time-limit", type=float, default=230.0, help="seconds; later configurations are skipped")
     parser.add_argument("--graph-layers", type=int, default=8,
                         help="layers per graph for the per-layer times at the longest length (0: none)")
@@ -559,7 +559,7 @@ def main(argv=None) -> int:
         return 1
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
-    tag = args.tag or ("h100" if "H100" in name else name.lower().replace(" ", "_").replace("/", "_"))
+    tag = args.tag or device_tag(device, name)
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS)
     batches = args.batches or (QUICK_BATCHES if args.quick else FULL_BATCHES)
     budgets = QUICK_BUDGETS if args.quick else FULL_BUDGETS
