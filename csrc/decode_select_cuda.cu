@@ -32,10 +32,12 @@
 // Nor did a cluster path of one cluster exchange instead of three (each warp sorts its 32 blocks
 // by shuffles, each block finds its place in its CTA by binary searches of the other warps'
 // lists, the first CTA merges the CTAs' lists and joins the softmax from each CTA's max and sum):
-// 16.9 us per layer against 15.2 (19.0 with data-dependent search loops; H200, 128K tokens, B = 1,
-// 4-layer graphs). Launching the kernel as a dependent of the previous one (its CTAs wait,
-// resident, for that grid's outputs) took B = 1 from 15.8 to 15.2 us per layer, and the step
-// from 28.8 to 28.3 (Qwen3-8B shapes; SmolLM2 shapes 24.1 to 23.5).
+// 16.9 us per layer against 15.2 for this path, both launched as dependents, in one run (H200,
+// 128K tokens, B = 1, 4-layer graphs); with data-dependent search loops it had taken 18.5 in an
+// earlier run. Launching the kernel as a dependent of the previous one (its CTAs wait, resident,
+// for that grid's outputs) took B = 1 from 15.8 to 15.2 us per layer, and the step from 28.8 to
+// 28.3 (Qwen3-8B shapes; SmolLM2 shapes 24.1 to 23.5; the two builds in consecutive runs; in one
+// run, the warp-list path went from 19.0 to 18.5 with it).
 // Where the time goes (per-CTA %globaltimer traces of an instrumented build, never committed;
 // 4-layer graph of the decode step, B = 1, 4-CTA clusters, a steady-state layer), from the
 // wait's return: query in shared memory 0.9 us; scoring 2.2; CTA max 0.8; first cluster barrier
