@@ -37,7 +37,7 @@
 // earlier run. Launching the kernel as a dependent of the previous one (its CTAs wait, resident,
 // for that grid's outputs) took B = 1 from 15.8 to 15.2 us per layer, and the step from 28.8 to
 // 28.3 (Qwen3-8B shapes; SmolLM2 shapes 24.1 to 23.5; the two builds in consecutive runs; in one
-// run, the warp-list path went from 19.0 to 18.5 with it).
+// run, the warp-list path went from 19.0 to 18.5 with it; bench/results/decode_select_variants_h200.md).
 // Where the time goes (per-CTA %globaltimer traces of an instrumented build, never committed;
 // 4-layer graph of the decode step, B = 1, 4-CTA clusters, a steady-state layer), from the
 // wait's return: query in shared memory 0.9 us; scoring 2.2; CTA max 0.8; first cluster barrier
