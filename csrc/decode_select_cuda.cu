@@ -44,7 +44,11 @@
 // 0.55; exp, sum, second cluster barrier and division 1.95; bitonic sort 2.5; forced mass 0.55;
 // third cluster barrier 0.57; the first CTA's merge of the 4 lists 2.0; the cut and the output
 // 1.6 (13.6 us). From the selection's end to the next layer's wait return (sparse_decode and the
-// launches): 12.5 us (bench/results/decode_select_trace_h200.txt).
+// launches): 12.5 us (bench/results/decode_select_trace_h200.txt). Two cuts aimed at that trace
+// measured slower (one run, B = 1, Qwen3-8B shapes; bench/results/decode_b1_latency_h200.md):
+// the merge of the lists by fixed-step branchless searches, unrolled over the ranks, 16.5 us per
+// layer against 15.3; with each thread's first packed key row also loaded before the wait for the
+// query, 16.8; and 8 CTAs a row, 17.3 (branch select-latency).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 

@@ -50,6 +50,19 @@
 // tile 0's loads issued before the next tiles' rows are resolved: B = 8, 38.8 us per layer against
 // 39.7; SmolLM2 shapes (d = 64) B = 8 / 32, 13.7 / 31.6 against 14.4 / 32.8; B = 1 (merged in a
 // cluster) 13.6 against 13.2, within the spread between runs (H200, L2 emptied by reading).
+// At B = 1 the kernel is not bound by HBM: with its 16.8 MB already in L2 it took 12.69 us per
+// layer against 12.93 (8-layer graph), so prefetching likely blocks into L2 cannot pay. Its 16
+// splits per row (fewer measured slower: 8 / 12 splits, 17.8 / 17.0 us against 13.5) run as 128
+// CTAs that the hardware packs two per SM onto 66 of the 132 SMs. Phase trace, Qwen3-8B shapes,
+// from the wait's return: prologue 3.5 us, tile 0 arrives 1.1 later, 4 tiles 4.5, partials written
+// 0.7, cluster merge 3.4, next layer's wait 0.4. Cutting the prologue's dependent round trips from
+// three to one (each split takes list positions split, split + S, ..., so its blocks load with
+// the count) and the merge's remote requests sevenfold (each LSE read once per CTA, partial rows
+// as float4) changed nothing measurable: B = 1 / 8 / 32, 13.7 / 39.8 / 128.6 us against
+// 13.5 / 38.7 / 126.4 (branch decode-prologue). Its finer trace: resolving tile 0's rows and
+// issuing its copies took 1.15 us, and 1.1-1.2 again when the same code ran twice (a warm
+// instruction cache), so the segments wait on the SM's outstanding requests, ~64 KB per SM per
+// us with two CTAs per SM (bench/results/decode_b1_latency_h200.md).
 #include <cooperative_groups.h>
 #include <cuda.h>
 #include <cuda_runtime.h>
