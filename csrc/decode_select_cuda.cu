@@ -48,7 +48,7 @@
 // measured slower (one run, B = 1, Qwen3-8B shapes; bench/results/decode_b1_latency_h200.md):
 // the merge of the lists by fixed-step branchless searches, unrolled over the ranks, 16.5 us per
 // layer against 15.3; with each thread's first packed key row also loaded before the wait for the
-// query, 16.8; and 8 CTAs a row, 17.3 (branch select-latency).
+// query, 16.8; and 8 CTAs a row, 17.3.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 

@@ -59,10 +59,10 @@
 // three to one (each split takes list positions split, split + S, ..., so its blocks load with
 // the count) and the merge's remote requests sevenfold (each LSE read once per CTA, partial rows
 // as float4) changed nothing measurable: B = 1 / 8 / 32, 13.7 / 39.8 / 128.6 us against
-// 13.5 / 38.7 / 126.4 (branch decode-prologue). Its finer trace: resolving tile 0's rows and
-// issuing its copies took 1.15 us, and 1.1-1.2 again when the same code ran twice (a warm
-// instruction cache), so the segments wait on the SM's outstanding requests, ~64 KB per SM per
-// us with two CTAs per SM (bench/results/decode_b1_latency_h200.md).
+// 13.5 / 38.7 / 126.4. Its finer trace: resolving tile 0's rows and issuing its copies took
+// 1.15 us, and 1.1-1.2 again when the same code ran twice (a warm instruction cache): not
+// instruction fetch; it points to the SM's outstanding requests, ~64 KB per SM per us with two
+// CTAs per SM (bench/results/decode_b1_latency_h200.md).
 #include <cooperative_groups.h>
 #include <cuda.h>
 #include <cuda_runtime.h>
