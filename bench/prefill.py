@@ -16,7 +16,8 @@ Speedups are against SDPA flash; "with selection" adds the selection time to the
 Times are medians of CUDA-event-timed calls after a warm-up, as many as fit a small budget (few
 at 128K, where one dense call takes about half a second).
 
-Writes bench/results/prefill_h100.{json,md,png}:
+Writes bench/results/prefill_<device>.{json,md,png} (<device>: the GPU model, h100 on an H100;
+--output overrides the path):
     {"device", "date", "commit", "rows": [{shape, L, density, method, us, tflops, ...}], "checks"}
 
     python bench/prefill.py                    # 8K, 32K, 128K, both shapes: a few minutes on an H100
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from benchlib import MODEL_SHAPES as SHAPES
-from benchlib import ROOT, git_commit, import_spot_attention, time_us
+from benchlib import ROOT, device_tag, git_commit, import_spot_attention, time_us
 
 spot_attention = import_spot_attention()
 from spot_attention import ops  # noqa: E402
@@ -288,10 +289,13 @@ def main() -> None:
                         help="sparse_prefill implementations to time (auto: the launcher's choice)")
     parser.add_argument("--time-limit", type=float, default=230.0, help="seconds; later configurations are skipped")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per measurement")
-    parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "prefill_h100.json"))
+    parser.add_argument("--output", help="results JSON (default: bench/results/prefill_<device>.json)")
     args = parser.parse_args()
     if not spot_attention.cuda_available():
         raise SystemExit("bench/prefill.py needs CUDA and the CUDA build of spot_ops")
+    if args.output is None:
+        tag = device_tag(torch.device("cuda"), torch.cuda.get_device_name())
+        args.output = os.path.join(ROOT, "bench", "results", f"prefill_{tag}.json")
 
     started = time.perf_counter()
     rows, checks = [], []

@@ -11,7 +11,7 @@ mkdir -p "$OUT" bench/results
 export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 # h100, h200, ...: the results' file suffix
-TAG=${TAG:-$(python3 -c "import re, torch; n = torch.cuda.get_device_name(); m = re.search(r'([A-Z]\d{2,3})', n); print((m.group(1) if m else n.split()[-1]).lower())")}
+TAG=${TAG:-$(cd bench && python3 -c "import torch; from benchlib import device_tag; print(device_tag(torch.device('cuda'), torch.cuda.get_device_name()))")}
 LIMIT=${LIMIT:-240}
 benches=("$@")
 [ ${#benches[@]} -eq 0 ] && benches=(decode prefill block_mass)
