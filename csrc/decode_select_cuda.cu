@@ -725,20 +725,24 @@ void prepare_kernel(size_t shared_bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes)));
 }
 
+// `ranks` CTAs per row, in clusters of that size (a plain launch when 1), each CTA resident and
+// waiting for the previous kernel's outputs.
+template <auto Kernel>
+void launch_rows(const DecodeSelectParams& params, int ranks) {
+  const size_t shared_bytes = shared_layout(params.num_key_blocks, params.dim, ranks > 1).bytes;
+  prepare_kernel<Kernel>(shared_bytes);
+  const dim3 grid(unsigned(params.heads * ranks), unsigned(params.batch));
+  launch_dependent_in_clusters<Kernel>(grid, dim3(kThreads), shared_bytes,
+                                       c10::cuda::getCurrentCUDAStream().stream(), unsigned(ranks), params, ranks);
+}
+
 template <typename query_t, typename key_t, KCacheFormat Format>
 void launch(const DecodeSelectParams& params) {
   const int ranks = cluster_ranks<decode_select_kernel<query_t, key_t, Format, true>>(params);
-  const size_t shared_bytes = shared_layout(params.num_key_blocks, params.dim, ranks > 1).bytes;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const dim3 grid(unsigned(params.heads * ranks), unsigned(params.batch));
   if (ranks > 1) {
-    prepare_kernel<decode_select_kernel<query_t, key_t, Format, true>>(shared_bytes);
-    launch_dependent_in_clusters<decode_select_kernel<query_t, key_t, Format, true>>(
-        grid, dim3(kThreads), shared_bytes, stream, unsigned(ranks), params, ranks);
+    launch_rows<decode_select_kernel<query_t, key_t, Format, true>>(params, ranks);
   } else {
-    prepare_kernel<decode_select_kernel<query_t, key_t, Format, false>>(shared_bytes);
-    launch_dependent<decode_select_kernel<query_t, key_t, Format, false>>(grid, dim3(kThreads), shared_bytes, stream,
-                                                                          params, ranks);
+    launch_rows<decode_select_kernel<query_t, key_t, Format, false>>(params, 1);
   }
 }
 
