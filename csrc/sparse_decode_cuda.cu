@@ -98,6 +98,9 @@ constexpr int kMaxSplits = 64;
 constexpr int kMaxClusterSplits = 16;  // the non-portable cluster size limit of Hopper
 // Below this many tokens (two tiles) per split the merge costs more than the parallelism saves.
 constexpr int64_t kMinTokensPerSplit = 128;
+// Above this many tokens (four tiles) per split a cluster's cap on the split count costs more
+// than its merge saves (see plan_sparse_decode).
+constexpr int64_t kMaxClusterTokensPerSplit = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -743,9 +746,14 @@ void plan_sparse_decode(SparseDecodeParams& params) {
   SPOT_DISPATCH_HALF(params.dtype, scalar_t, SPOT_DISPATCH_HEAD_DIM(params.head_dim, kHeadDim, {
     if (!forced) params.num_splits = plan_splits(params, resident_ctas_per_sm<scalar_t, kHeadDim>());
     const int cluster_splits = clusters_allowed ? max_cluster_splits<scalar_t, kHeadDim>() : 0;
-    if (!forced && cluster_splits > 1 && params.num_splits > cluster_splits) {
-      // Few rows (B = 1: 32 splits planned): 16 splits merged in a cluster measured 15.2 us per
-      // layer against 15.8 for 32 merged by the second kernel (H200, 128K tokens, 4096 budget).
+    // Few rows (B = 1: 33 splits planned) and few blocks: 16 splits merged in a cluster measured
+    // 15.2 us per layer against 15.8 for 32 merged by the second kernel (H200, 128K tokens, 4096
+    // budget). With more blocks each split's share grows with the cap and the cluster loses
+    // (graph replays, Qwen3-8B shapes, B = 1, 16 splits against 32: 6592 tokens 21.5 / 19.5 us,
+    // 13120 tokens 31.8 / 25.9, 26240 tokens 54.6 / 38.1; SmolLM2 shapes 16 against 64 splits:
+    // 13120 tokens 22.0 / 17.1; bench/results/decode_splits_h200.json).
+    if (!forced && cluster_splits > 1 && params.num_splits > cluster_splits &&
+        int64_t(params.max_selected) * params.block_size <= cluster_splits * kMaxClusterTokensPerSplit) {
       params.num_splits = cluster_splits;
     }
     // Only where every cluster runs at once: co-scheduling clusters of 4 at B = 8 left part of
