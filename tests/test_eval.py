@@ -195,8 +195,10 @@ def test_gpu_harness_runs_every_method_at_block_64():
     handle = hf.attach(model, method=methods[0], measure_recall=True)
     documents = [harness.Document(f"doc{i}", tokens(1, 1100, seed=40 + i)[0]) for i in range(2)]
     result = harness.run_eval(model, handle, documents, [1024], methods, docs_per_length=2, progress=False)
-    assert len(result["rows"]) == len(methods)
+    assert len(result["rows"]) == len(methods) + 1  # one dense reference row for the one length
+    dense = next(row for row in result["rows"] if row["method"] == "dense")
     full = next(row for row in result["rows"] if row["method"] == "spot" and row["budget"] == 1.0)
+    assert dense["ppl"] == full["ppl_dense"] and dense["ppl_delta_pct"] == 0.0
     assert full["frac_read"] == pytest.approx(1.0) and full["top1_agree"] > 0.97
     for row in result["rows"]:
         assert 0 < row["frac_read"] <= 1 and 0 <= row["recall"] <= 1 + 1e-4 and math.isfinite(row["ppl"])
