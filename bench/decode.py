@@ -332,8 +332,8 @@ def run_config(shape_name, length, batch, budgets, timer, device, rows, log):
             indices, twilight_counts = twilight_select(query, key_blocks, key_min, key_max, seq_lens, scale, blocks)
             return sa.sparse_decode(query, key_cache, value_cache, seq_lens, indices, twilight_counts, BLOCK, scale)
 
-        attempt("quest", tokens, quest, attend_bytes + selection_bytes["quest"])
-        attempt("twilight", tokens, twilight, attend_bytes + selection_bytes["twilight"])
+        attempt("quest_step", tokens, quest, attend_bytes + selection_bytes["quest"])
+        attempt("twilight_step", tokens, twilight, attend_bytes + selection_bytes["twilight"])
     del keys, values, key_cache, value_cache, key_blocks, key_min, key_max
     torch.cuda.empty_cache()
 
@@ -413,7 +413,7 @@ def run_layered(shape_name, length, batch, budget, layers, timer, device, rows, 
         ("spot_attend", tokens, attend_bytes,
          lambda x: sa.sparse_decode(x["query"], x["keys"].transpose(1, 2), x["values"].transpose(1, 2), seq_lens,
                                     x["chosen"], x["counts"], BLOCK, scale)),
-        ("twilight", tokens, attend_bytes + selection_bytes["twilight"], twilight),
+        ("twilight_step", tokens, attend_bytes + selection_bytes["twilight"], twilight),
     ]
     for method, budget_tokens, nbytes, run in methods:
         try:
@@ -511,14 +511,17 @@ def plot(result, path) -> None:
     if not panels:
         return
     fixed = 4096
-    methods = ["sdpa_flash", "sdpa_cudnn", "spot_step", "spot_step_graph", "spot_attend", "quest", "twilight"]
+    methods = ["sdpa_flash", "sdpa_cudnn", "spot_step", "spot_step_graph", "spot_attend", "spot_select", "quest_step",
+               "twilight_step"]
+    # A --layered-only run has per-layer rows only: plot those (one point per length) instead.
+    timing = "single" if any(r["timing"] == "single" for r in rows) else "layers"
     columns = min(3, len(panels))
     figure_rows = math.ceil(len(panels) / columns)
     figure, axes = plt.subplots(figure_rows, columns, figsize=(5 * columns, 3.6 * figure_rows), squeeze=False)
     for axis, (shape, batch) in zip(axes.flat, panels):
         for method in methods:
             points = sorted((r["L"], r["us"]) for r in rows if r["shape"] == shape and r["B"] == batch
-                            and r["timing"] == "single"
+                            and r["timing"] == timing
                             and r["method"] == method and (method.startswith("sdpa") or r["budget_tokens"] == fixed))
             if points:
                 axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
@@ -526,7 +529,7 @@ def plot(result, path) -> None:
         axis.set_yscale("log")
         axis.set_title(f"{shape}, B={batch} (sparse: {fixed}-token budget)")
         axis.set_xlabel("context length L")
-        axis.set_ylabel("us")
+        axis.set_ylabel("us" if timing == "single" else "us per layer (in a CUDA graph)")
         axis.grid(True, which="both", alpha=0.3)
     for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
