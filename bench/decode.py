@@ -2,7 +2,7 @@
 decode step and its parts, and Quest-/Twilight-style selection feeding the same sparse kernel,
 against the device's copy bandwidth.
 
-    python bench/decode.py            # full sweep (17 s on an H200)
+    python bench/decode.py            # full sweep (18 s on an H200)
     python bench/decode.py --quick    # a few configurations (well under a minute)
 
 Writes bench/results/decode_<device>.json, .md and .png (<device>: the GPU model, ``h100`` on an
